@@ -1,0 +1,56 @@
+"""bilevel_jax: bilevel reinforcement learning in JAX.
+
+A leader chooses parameters `x` of the MDPs its followers act in; each follower best-responds
+with an entropy-regularized optimal policy; the leader optimizes its own objective of the
+followers' behaviour. This package holds the tabular MDP core (`core`), environments (`envs`),
+and, as they land, hypergradient estimators, leader algorithms and the experiment runner.
+"""
+
+from bilevel_jax.core.evaluation import PolicyEvaluation, policy_evaluation, visitation
+from bilevel_jax.core.linear import LinearSolverOptions, solve_policy_system, solve_q_system
+from bilevel_jax.core.mdp import (
+    SparseTransitions,
+    TabularMDP,
+    expected_next,
+    policy_matrix,
+    pushforward,
+    validate_mdp,
+)
+from bilevel_jax.core.rollout import Trajectory, sample_trajectories
+from bilevel_jax.core.soft_vi import (
+    SoftVISolution,
+    soft_bellman_operator,
+    soft_greedy_policy,
+    soft_value,
+    soft_value_iteration,
+    value_iteration,
+)
+from bilevel_jax.errors import BilevelJaxError, InvalidArgumentError, InvalidMDPError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BilevelJaxError",
+    "InvalidArgumentError",
+    "InvalidMDPError",
+    "LinearSolverOptions",
+    "PolicyEvaluation",
+    "SoftVISolution",
+    "SparseTransitions",
+    "TabularMDP",
+    "Trajectory",
+    "expected_next",
+    "policy_evaluation",
+    "policy_matrix",
+    "pushforward",
+    "sample_trajectories",
+    "soft_bellman_operator",
+    "soft_greedy_policy",
+    "soft_value",
+    "soft_value_iteration",
+    "solve_policy_system",
+    "solve_q_system",
+    "validate_mdp",
+    "value_iteration",
+    "visitation",
+]

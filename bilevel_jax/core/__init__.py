@@ -1,0 +1,1 @@
+"""Core MDP maths: the tabular MDP pytree, soft value iteration, evaluation, rollouts."""

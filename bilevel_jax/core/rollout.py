@@ -1,0 +1,135 @@
+"""Batched trajectory sampling in a tabular MDP: one `lax.scan` over time, `num_envs` wide.
+
+Environments auto-reset: after acting in a terminal state (SPEC 1: the reward is earned and the
+episode ends) or after `max_episode_steps` steps, the next state is drawn from `initial` and the
+in-episode time restarts at 0. Actions and successors are drawn by inverse CDF over the `B`
+stored successors (a linear scan for small `B`, a binary search for dense rows), never by a
+Gumbel draw over all `S` states.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax import lax
+
+from bilevel_jax.core.mdp import SparseTransitions, TabularMDP, check_shapes
+from bilevel_jax.errors import InvalidArgumentError
+
+Array = jax.Array
+
+_LINEAR_SCAN_MAX = 16
+
+
+@struct.dataclass
+class Trajectory:
+    """`num_steps x num_envs` transitions; every field is `[T, N]`.
+
+    Attributes:
+      states: state acted in at step t.
+      actions: action taken.
+      rewards: `r(s_t, a_t)` of the MDP.
+      next_states: the sampled successor (before any reset; meaningless where `terminated`).
+      dones: the episode ended after this step (terminal state or time limit).
+      terminated: the episode ended because `s_t` is terminal (no successor follows).
+      times: in-episode time of step t (0 at each episode's first step).
+    """
+
+    states: Array
+    actions: Array
+    rewards: Array
+    next_states: Array
+    dones: Array
+    terminated: Array
+    times: Array
+
+
+def _inverse_cdf(cdf: Array, rows: Array, u: Array) -> Array:
+    """For each `n`, the first `k` with `cdf[rows[n], k] > u[n] * cdf[rows[n], -1]`.
+
+    `cdf` is `[R, B]`, non-decreasing along `B`. Entries of zero probability are never chosen.
+    """
+    width = cdf.shape[-1]
+    target = u * cdf[rows, width - 1]
+    if width <= _LINEAR_SCAN_MAX:
+        return jnp.sum(cdf[rows] <= target[:, None], axis=-1).astype(jnp.int32)
+    lo = jnp.zeros(rows.shape, jnp.int32)
+    hi = jnp.full(rows.shape, width - 1, jnp.int32)
+    for _ in range(math.ceil(math.log2(width))):
+        mid = (lo + hi) // 2
+        go_right = cdf[rows, mid] <= target
+        lo = jnp.where(go_right, mid + 1, lo)
+        hi = jnp.where(go_right, hi, mid)
+    return lo
+
+
+def sample_trajectories(key: Array, mdp: TabularMDP, policy: Array, *, num_envs: int,
+                        num_steps: int, max_episode_steps: int | None = None) -> Trajectory:
+    """Rolls out `policy` in `num_envs` parallel copies of `mdp` for `num_steps` steps.
+
+    Args:
+      key: PRNG key.
+      mdp: a `TabularMDP` (dense or sparse transitions).
+      policy: `[S, A]` action probabilities.
+      num_envs: parallel environments `N` (static).
+      num_steps: steps per environment `T` (static).
+      max_episode_steps: time limit (static); `None` for none.
+
+    Returns:
+      `Trajectory` with `[T, N]` fields. Start states are drawn from `mdp.initial`.
+    """
+    check_shapes(mdp)
+    for name, value in (("num_envs", num_envs), ("num_steps", num_steps)):
+        if not isinstance(value, int) or value < 1:
+            raise InvalidArgumentError(f"{name}: expected an int >= 1, got {value!r}")
+    if max_episode_steps is not None and (not isinstance(max_episode_steps, int)
+                                          or max_episode_steps < 1):
+        raise InvalidArgumentError(
+            f"max_episode_steps: expected an int >= 1 or None, got {max_episode_steps!r}")
+    if tuple(policy.shape) != tuple(mdp.rewards.shape):
+        raise InvalidArgumentError(
+            f"policy: expected shape [S, A] = {tuple(mdp.rewards.shape)}, got {tuple(policy.shape)}")
+
+    num_states, num_actions = mdp.rewards.shape
+    if isinstance(mdp.transitions, SparseTransitions):
+        successors = mdp.transitions.indices.reshape(num_states * num_actions, -1)
+        transition_cdf = jnp.cumsum(mdp.transitions.probs, axis=-1)
+    else:
+        successors = None
+        transition_cdf = jnp.cumsum(mdp.transitions, axis=-1)
+    transition_cdf = transition_cdf.reshape(num_states * num_actions, -1)
+    policy_cdf = jnp.cumsum(policy, axis=-1)
+    initial_cdf = jnp.cumsum(mdp.initial)[None, :]
+    terminal = (jnp.zeros(num_states, bool) if mdp.terminal is None
+                else jnp.asarray(mdp.terminal, bool))
+    zeros = jnp.zeros(num_envs, jnp.int32)
+
+    def draw_initial(u):
+        return _inverse_cdf(initial_cdf, zeros, u)
+
+    key_start, key_steps = jax.random.split(key)
+    start = draw_initial(jax.random.uniform(key_start, (num_envs,)))
+    uniforms = jax.random.uniform(key_steps, (num_steps, 3, num_envs))
+
+    def step(carry, u):
+        state, time = carry
+        action = _inverse_cdf(policy_cdf, state, u[0])
+        row = state * num_actions + action
+        k = _inverse_cdf(transition_cdf, row, u[1])
+        next_state = k if successors is None else successors[row, k]
+        terminated = terminal[state]
+        done = terminated
+        if max_episode_steps is not None:
+            done = done | (time + 1 >= max_episode_steps)
+        reset_state = draw_initial(u[2])
+        out = (state, action, mdp.rewards[state, action], next_state, done, terminated, time)
+        carry = (jnp.where(done, reset_state, next_state), jnp.where(done, 0, time + 1))
+        return carry, out
+
+    _, out = lax.scan(step, (start, zeros), uniforms)
+    states, actions, rewards, next_states, dones, terminated, times = out
+    return Trajectory(states=states, actions=actions, rewards=rewards, next_states=next_states,
+                      dones=dones, terminated=terminated, times=times)
