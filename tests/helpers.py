@@ -1,0 +1,50 @@
+"""Shared test helpers: conversion of reference MDPs to `bj.TabularMDP`, module-level jitted
+entry points (so that compilations are cached across test files), and comparison helpers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import bilevel_jax as bj
+from reference import RefMDP
+
+# jit caches are keyed on the function object: defining these once keeps compilations few.
+soft_vi = jax.jit(bj.soft_value_iteration, static_argnames=(
+    "tol", "max_iters", "num_sweeps", "differentiation", "linear_solver"))
+value_iteration = jax.jit(bj.value_iteration, static_argnames=(
+    "tol", "max_iters", "num_sweeps", "differentiation", "linear_solver"))
+policy_evaluation = jax.jit(bj.policy_evaluation, static_argnames=("linear_solver",))
+visitation = jax.jit(bj.visitation, static_argnames=("linear_solver",))
+
+LINEAR_SOLVERS = ("auto", "direct", "richardson", "gmres")
+
+
+def to_mdp(ref: RefMDP, *, sparse: bool = False, dtype=jnp.float64, discount=None) -> bj.TabularMDP:
+    """The `bj.TabularMDP` holding the same numbers as a reference MDP."""
+    if sparse:
+        assert ref.indices is not None, "generate the reference MDP with branching=b"
+        transitions = bj.SparseTransitions(indices=jnp.asarray(ref.indices, jnp.int32),
+                                           probs=jnp.asarray(ref.probs, dtype))
+    else:
+        transitions = jnp.asarray(ref.P, dtype)
+    terminal = None if ref.terminal is None else jnp.asarray(ref.terminal, bool)
+    return bj.TabularMDP(transitions=transitions, rewards=jnp.asarray(ref.rewards, dtype),
+                         discount=ref.discount if discount is None else discount,
+                         initial=jnp.asarray(ref.initial, dtype), terminal=terminal)
+
+
+def assert_rel_close(actual, expected, rtol=1e-6, atol_scale=1e-9, err_msg=""):
+    """Elementwise `|actual - expected| <= rtol |expected| + atol_scale * max |expected|`.
+
+    The small absolute floor (relative to the array's scale) only matters for entries that are
+    (nearly) zero; everything else is compared to relative `rtol`.
+    """
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape, err_msg)
+    assert np.all(np.isfinite(actual)), f"non-finite values: {actual} {err_msg}"
+    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol_scale * scale,
+                               err_msg=err_msg)
