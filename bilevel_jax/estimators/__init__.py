@@ -1,0 +1,9 @@
+"""Hypergradient estimators behind one `init`/`update` interface (see `base`)."""
+
+from bilevel_jax.estimators.base import Estimator, available, hypergradient, make_estimator, register
+from bilevel_jax.estimators.exact import exact, unrolled
+from bilevel_jax.estimators.amd import amd
+from bilevel_jax.estimators.zero_order import zero_order
+
+__all__ = ["Estimator", "amd", "available", "exact", "hypergradient", "make_estimator",
+           "register", "unrolled", "zero_order"]

@@ -1,0 +1,90 @@
+"""Zero-order hypergradients by Gaussian smoothing (SPEC 5).
+
+    g = mean_j (F(x + u z_j) - F(x)) / u * z_j,   z_j ~ N(0, I),   u_t = c / t
+
+`F` is exact (`values="model"`, follower solved by the implicit solver, warm-started) or a
+Monte-Carlo estimate from rollouts of the follower's policy (`values="rollout"`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from bilevel_jax.core.rollout import sample_trajectories
+from bilevel_jax.core.soft_vi import soft_value_iteration
+from bilevel_jax.errors import InvalidArgumentError
+from bilevel_jax.estimators.base import Estimator, register
+from bilevel_jax.estimators.exact import _objective_and_q
+from bilevel_jax.problem import map_contexts
+
+
+def _rollout_objective(problem, x, key, num_envs, num_steps):
+    """Monte-Carlo `F(x)`: discounted leader return of the first episode of each environment."""
+
+    def per_context(context, k):
+        mdp = problem.follower(x, context)
+        policy = soft_value_iteration(mdp, problem.temperature).policy
+        rbar = problem.leader_reward(x, context)
+        traj = sample_trajectories(k, mdp, policy, num_envs=num_envs, num_steps=num_steps)
+        first_episode = jnp.cumsum(traj.dones, axis=0) - traj.dones == 0
+        discounts = problem.leader_discount ** traj.times
+        returns = jnp.sum(first_episode * discounts * rbar[traj.states, traj.actions], axis=0)
+        return jnp.mean(returns)
+
+    keys = jax.random.split(key, problem.num_contexts)
+    if problem.contexts is None:
+        values = per_context(None, keys[0])[None]
+    else:
+        values = jax.vmap(per_context)(problem.contexts, keys)
+    return jnp.dot(problem.probs().astype(values.dtype), values)
+
+
+def zero_order(*, smoothing: float = 0.1, num_directions: int = 1, decay: bool = True,
+               values: str = "model", num_envs: int = 64, num_steps: int = 500) -> Estimator:
+    """Gaussian-smoothing estimator with `u_t = smoothing / t` (`decay=False`: constant `u`)."""
+    if values not in ("model", "rollout"):
+        raise InvalidArgumentError(f"values: expected 'model' or 'rollout', got {values!r}")
+    if smoothing <= 0 or num_directions < 1:
+        raise InvalidArgumentError(
+            f"smoothing / num_directions: expected > 0 and >= 1, got {smoothing}, {num_directions}")
+
+    def init(problem, x):
+        def zero_q(context):
+            return jnp.zeros_like(problem.follower(x, context).rewards)
+        return {"step": jnp.zeros((), jnp.int32), "q": map_contexts(zero_q, problem)}
+
+    def update(problem, x, state, key):
+        x_flat, unravel = ravel_pytree(x)
+        step = state["step"] + 1
+        u = smoothing / step if decay else jnp.asarray(smoothing)
+        key_z, key_f = jax.random.split(key)
+        z = jax.random.normal(key_z, (num_directions,) + x_flat.shape, x_flat.dtype)
+
+        if values == "model":
+            def objective(xf):
+                value, (q, _, _) = _objective_and_q(problem, unravel(xf), state["q"], {})
+                return value, q
+        else:
+            def objective(xf):
+                # Common random numbers: the same rollout key for x and x + u z.
+                return _rollout_objective(problem, unravel(xf), key_f, num_envs, num_steps), state["q"]
+
+        base, q = objective(x_flat)
+        shifted, _ = jax.vmap(lambda zj: objective(x_flat + u * zj))(z)
+        diffs = (shifted - base) / u
+        per_direction = diffs[:, None] * z
+        grad = jnp.mean(per_direction, axis=0)
+        variance = (jnp.var(per_direction, axis=0, ddof=1) / num_directions
+                    if num_directions > 1 else jnp.full_like(grad, jnp.nan))
+        samples = 0 if values == "model" else (num_directions + 1) * num_envs * num_steps
+        info = {"objective": base, "smoothing": u, "samples": jnp.asarray(samples),
+                "variance": unravel(variance),
+                "follower_residual": jnp.zeros((), x_flat.dtype)}
+        return unravel(grad), {"step": step, "q": jax.lax.stop_gradient(q)}, info
+
+    return Estimator(init, update)
+
+
+register("zero_order", zero_order)

@@ -1,0 +1,183 @@
+"""The contextual bilevel RL problem (SPEC 3) and its exact leader objective.
+
+    F(x) = E_xi [ f(x, xi) ],  f(x, xi) = E^{pi*_{x,xi}}_{s_0 ~ mu} [ sum_t gammabar^t rbar_{x,xi}(s_t, a_t) ]
+
+where `pi*_{x,xi}` is the soft-optimal policy (temperature `lam`) of the follower MDP
+`follower(x, xi)` and `rbar = leader_reward(x, xi)`. The leader's MDP shares the follower's
+transitions, initial distribution and terminal states, with its own discount `gammabar`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from bilevel_jax.core.evaluation import policy_evaluation
+from bilevel_jax.core.mdp import TabularMDP, validate_mdp
+from bilevel_jax.core.soft_vi import SoftVISolution, check_temperature, soft_value_iteration
+from bilevel_jax.errors import BilevelJaxError, InvalidMDPError
+
+Array = jax.Array
+
+
+class InvalidProblemError(BilevelJaxError, ValueError):
+    """A `BilevelProblem` is malformed; the message names the field and what was expected."""
+
+
+@struct.dataclass
+class BilevelProblem:
+    """A leader's problem over followers that best-respond in `follower(x, context)`.
+
+    Attributes:
+      follower: `(x, context) -> TabularMDP`; rewards, transitions and initial may depend on `x`.
+      leader_reward: `(x, context) -> [S, A]` leader reward `rbar`.
+      leader_discount: `gammabar` in `[0, 1)`.
+      temperature: the followers' entropy temperature `lam > 0`.
+      contexts: pytree whose leaves have a leading axis `K` (None: one context, passed as None).
+      context_probs: `[K]` probabilities summing to 1 (None: uniform).
+      context_sampler: optional `key -> context` for problems whose contexts are sampled; the
+        model-based quantities (`leader_objective`, `exact`) need the finite `contexts`.
+    """
+
+    follower: Callable[[Any, Any], TabularMDP] = struct.field(pytree_node=False)
+    leader_reward: Callable[[Any, Any], Array] = struct.field(pytree_node=False)
+    leader_discount: Any = 0.99
+    temperature: Any = 0.1
+    contexts: Any = None
+    context_probs: Any = None
+    context_sampler: Callable[[Array], Any] | None = struct.field(pytree_node=False, default=None)
+
+    @property
+    def num_contexts(self) -> int:
+        if self.contexts is None:
+            return 1
+        return jax.tree_util.tree_leaves(self.contexts)[0].shape[0]
+
+    def probs(self) -> Array:
+        """`[K]` context probabilities (uniform when not given)."""
+        if self.context_probs is None:
+            return jnp.full((self.num_contexts,), 1.0 / self.num_contexts)
+        return jnp.asarray(self.context_probs)
+
+    def context(self, index) -> Any:
+        """The context with index `index` (None for a context-free problem)."""
+        if self.contexts is None:
+            return None
+        return jax.tree_util.tree_map(lambda leaf: leaf[index], self.contexts)
+
+    def sample_context(self, key: Array) -> Any:
+        """Draws a context: by `context_probs` over `contexts`, or from `context_sampler`."""
+        if self.contexts is None and self.context_sampler is not None:
+            return self.context_sampler(key)
+        index = jax.random.choice(key, self.num_contexts, p=self.probs())
+        return self.context(index)
+
+    def leader_mdp(self, x, context, follower_mdp: TabularMDP | None = None) -> TabularMDP:
+        """The follower's MDP with the leader's reward and discount."""
+        mdp = self.follower(x, context) if follower_mdp is None else follower_mdp
+        return mdp.replace(rewards=self.leader_reward(x, context), discount=self.leader_discount)
+
+
+def _is_concrete(tree) -> bool:
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def check_problem(problem: BilevelProblem, x) -> None:
+    """Cheap checks valid under tracing (shapes) plus value checks of concrete fields.
+
+    Raises `InvalidProblemError` naming the field. `validate_problem` also checks the MDPs.
+    """
+    if not isinstance(problem, BilevelProblem):
+        raise InvalidProblemError(f"problem: expected a BilevelProblem, got {type(problem).__name__}")
+    try:
+        check_temperature(problem.temperature)
+    except ValueError as err:
+        raise InvalidProblemError(str(err)) from None
+    if _is_concrete(problem.leader_discount):
+        gamma = np.asarray(problem.leader_discount, dtype=np.float64)
+        if gamma.shape != () or not 0 <= gamma < 1:
+            raise InvalidProblemError(
+                f"leader_discount: expected a scalar in [0, 1), got {problem.leader_discount!r}")
+    if problem.contexts is None and problem.context_sampler is None and problem.context_probs is not None:
+        if np.shape(problem.context_probs) != (1,):
+            raise InvalidProblemError("context_probs: given without contexts; expected None")
+    if problem.contexts is not None:
+        sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None
+                 for leaf in jax.tree_util.tree_leaves(problem.contexts)}
+        if None in sizes or len(sizes) != 1:
+            raise InvalidProblemError(
+                f"contexts: expected every leaf to have the same leading axis K, got sizes {sizes}")
+    if problem.context_probs is not None:
+        shape = np.shape(problem.context_probs)
+        if shape != (problem.num_contexts,):
+            raise InvalidProblemError(
+                f"context_probs: expected shape [K] = [{problem.num_contexts}], got {shape}")
+        if _is_concrete(problem.context_probs):
+            probs = np.asarray(problem.context_probs, dtype=np.float64)
+            if np.isnan(probs).any() or (probs < 0).any() or abs(probs.sum() - 1) > 1e-5:
+                raise InvalidProblemError(
+                    f"context_probs: expected non-negative probabilities summing to 1, got {probs}")
+    context = jax.eval_shape(lambda: problem.context(0))
+    try:
+        mdp = jax.eval_shape(problem.follower, x, context)
+    except InvalidMDPError:
+        raise
+    except Exception as err:  # noqa: BLE001 - re-raised with the field named
+        raise InvalidProblemError(f"follower: calling follower(x, context) failed: {err}") from err
+    if not isinstance(mdp, TabularMDP):
+        raise InvalidProblemError(
+            f"follower: expected a function returning a TabularMDP, got {type(mdp).__name__}")
+    reward_shape = jax.eval_shape(problem.leader_reward, x, context).shape
+    if tuple(reward_shape) != tuple(mdp.rewards.shape):
+        raise InvalidProblemError(
+            f"leader_reward: expected shape [S, A] = {tuple(mdp.rewards.shape)} (the follower's "
+            f"rewards), got {tuple(reward_shape)}")
+
+
+def validate_problem(problem: BilevelProblem, x) -> BilevelProblem:
+    """Eager full check: `check_problem` plus `validate_mdp` of every context's follower MDP."""
+    check_problem(problem, x)
+    for k in range(problem.num_contexts):
+        context = problem.context(k)
+        try:
+            validate_mdp(problem.follower(x, context))
+        except InvalidMDPError as err:
+            raise InvalidMDPError(f"follower(x, contexts[{k}]): {err}") from None
+        rewards = np.asarray(problem.leader_reward(x, context))
+        if not np.isfinite(rewards).all():
+            raise InvalidProblemError(f"leader_reward: expected finite values (context {k})")
+    return problem
+
+
+def solve_follower(problem: BilevelProblem, x, context, **solver_options) -> tuple[TabularMDP, SoftVISolution]:
+    """The follower MDP of one context and its soft-optimal solution (implicitly differentiable)."""
+    mdp = problem.follower(x, context)
+    return mdp, soft_value_iteration(mdp, problem.temperature, **solver_options)
+
+
+def context_objective(problem: BilevelProblem, x, context, **solver_options) -> Array:
+    """`f(x, xi)`: the leader's exact value at the start distribution for one context."""
+    mdp, sol = solve_follower(problem, x, context, **solver_options)
+    leader = policy_evaluation(problem.leader_mdp(x, context, mdp), sol.policy)
+    return jnp.dot(mdp.initial, leader.v)
+
+
+def map_contexts(fn: Callable[[Any], Any], problem: BilevelProblem):
+    """`vmap` of `fn(context)` over the problem's contexts (leading axis K)."""
+    if problem.contexts is None:
+        return jax.tree_util.tree_map(lambda leaf: leaf[None], fn(None))
+    return jax.vmap(fn)(problem.contexts)
+
+
+def leader_objective(problem: BilevelProblem, x, **solver_options) -> Array:
+    """Exact `F(x) = sum_k p_k f(x, xi_k)`, differentiable in `x` (implicit differentiation).
+
+    `solver_options` go to `soft_value_iteration` (e.g. `tol`, `linear_solver`).
+    """
+    check_problem(problem, x)
+    values = map_contexts(lambda c: context_objective(problem, x, c, **solver_options), problem)
+    return jnp.dot(problem.probs().astype(values.dtype), values)
