@@ -67,7 +67,9 @@ def _inverse_cdf(cdf: Array, rows: Array, u: Array) -> Array:
 
 
 def sample_trajectories(key: Array, mdp: TabularMDP, policy: Array, *, num_envs: int,
-                        num_steps: int, max_episode_steps: int | None = None) -> Trajectory:
+                        num_steps: int, max_episode_steps: int | None = None,
+                        start_states: Array | None = None,
+                        start_actions: Array | None = None) -> Trajectory:
     """Rolls out `policy` in `num_envs` parallel copies of `mdp` for `num_steps` steps.
 
     Args:
@@ -77,9 +79,12 @@ def sample_trajectories(key: Array, mdp: TabularMDP, policy: Array, *, num_envs:
       num_envs: parallel environments `N` (static).
       num_steps: steps per environment `T` (static).
       max_episode_steps: time limit (static); `None` for none.
+      start_states: optional int `[N]` first states (default: drawn from `mdp.initial`); later
+        episodes always start from `mdp.initial`.
+      start_actions: optional int `[N]` first actions (default: drawn from `policy`).
 
     Returns:
-      `Trajectory` with `[T, N]` fields. Start states are drawn from `mdp.initial`.
+      `Trajectory` with `[T, N]` fields.
     """
     check_shapes(mdp)
     for name, value in (("num_envs", num_envs), ("num_steps", num_steps)):
@@ -110,13 +115,21 @@ def sample_trajectories(key: Array, mdp: TabularMDP, policy: Array, *, num_envs:
     def draw_initial(u):
         return _inverse_cdf(initial_cdf, zeros, u)
 
+    for name, value in (("start_states", start_states), ("start_actions", start_actions)):
+        if value is not None and tuple(value.shape) != (num_envs,):
+            raise InvalidArgumentError(
+                f"{name}: expected shape [num_envs] = [{num_envs}], got {tuple(value.shape)}")
     key_start, key_steps = jax.random.split(key)
-    start = draw_initial(jax.random.uniform(key_start, (num_envs,)))
+    start = (draw_initial(jax.random.uniform(key_start, (num_envs,))) if start_states is None
+             else jnp.asarray(start_states, jnp.int32))
     uniforms = jax.random.uniform(key_steps, (num_steps, 3, num_envs))
+    forced = jnp.zeros(num_steps, bool).at[0].set(start_actions is not None)
+    first_actions = zeros if start_actions is None else jnp.asarray(start_actions, jnp.int32)
 
-    def step(carry, u):
+    def step(carry, inputs):
         state, time = carry
-        action = _inverse_cdf(policy_cdf, state, u[0])
+        u, force = inputs
+        action = jnp.where(force, first_actions, _inverse_cdf(policy_cdf, state, u[0]))
         row = state * num_actions + action
         k = _inverse_cdf(transition_cdf, row, u[1])
         next_state = k if successors is None else successors[row, k]
@@ -129,7 +142,7 @@ def sample_trajectories(key: Array, mdp: TabularMDP, policy: Array, *, num_envs:
         carry = (jnp.where(done, reset_state, next_state), jnp.where(done, 0, time + 1))
         return carry, out
 
-    _, out = lax.scan(step, (start, zeros), uniforms)
+    _, out = lax.scan(step, (start, zeros), (uniforms, forced))
     states, actions, rewards, next_states, dones, terminated, times = out
     return Trajectory(states=states, actions=actions, rewards=rewards, next_states=next_states,
                       dones=dones, terminated=terminated, times=times)

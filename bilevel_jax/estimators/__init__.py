@@ -4,6 +4,7 @@ from bilevel_jax.estimators.base import Estimator, available, hypergradient, mak
 from bilevel_jax.estimators.exact import exact, unrolled
 from bilevel_jax.estimators.amd import amd
 from bilevel_jax.estimators.zero_order import zero_order
+from bilevel_jax.estimators.hpgd import hpgd
 
-__all__ = ["Estimator", "amd", "available", "exact", "hypergradient", "make_estimator",
+__all__ = ["Estimator", "amd", "available", "hpgd", "exact", "hypergradient", "make_estimator",
            "register", "unrolled", "zero_order"]
