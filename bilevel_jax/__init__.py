@@ -26,11 +26,29 @@ from bilevel_jax.core.soft_vi import (
     value_iteration,
 )
 from bilevel_jax.errors import BilevelJaxError, InvalidArgumentError, InvalidMDPError
+from bilevel_jax.problem import (
+    BilevelProblem,
+    InvalidProblemError,
+    check_problem,
+    leader_objective,
+    validate_problem,
+)
+from bilevel_jax import estimators
+from bilevel_jax.estimators import Estimator, hypergradient, make_estimator
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BilevelJaxError",
+    "BilevelProblem",
+    "Estimator",
+    "InvalidProblemError",
+    "check_problem",
+    "estimators",
+    "hypergradient",
+    "leader_objective",
+    "make_estimator",
+    "validate_problem",
     "InvalidArgumentError",
     "InvalidMDPError",
     "LinearSolverOptions",

@@ -245,7 +245,7 @@ def validate_mdp(mdp: TabularMDP) -> TabularMDP:
         else:
             probs = np.asarray(mdp.transitions)
             indices = None
-    except jax.errors.ConcretizationTypeError as err:
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError) as err:
         raise InvalidMDPError(
             "validate_mdp checks values and must run outside jit (got traced fields)") from err
 
