@@ -34,6 +34,8 @@ from bilevel_jax.problem import (
     validate_problem,
 )
 from bilevel_jax import estimators
+from bilevel_jax.games import TabularGame, nikaido_isoda_gap, solve_game_equilibrium, validate_game
+from bilevel_jax.penalties import bellman_penalty, value_penalty
 from bilevel_jax.estimators import Estimator, hypergradient, make_estimator
 
 __version__ = "0.1.0"
@@ -41,6 +43,12 @@ __version__ = "0.1.0"
 __all__ = [
     "BilevelJaxError",
     "BilevelProblem",
+    "TabularGame",
+    "bellman_penalty",
+    "nikaido_isoda_gap",
+    "solve_game_equilibrium",
+    "validate_game",
+    "value_penalty",
     "Estimator",
     "InvalidProblemError",
     "check_problem",
