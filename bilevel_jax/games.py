@@ -1,27 +1,30 @@
 """Entropy-regularized two-player zero-sum Markov games (SPEC 6, 7.5): the lower level of
 incentive design, its Nikaido-Isoda gap and a solver for its regularized Nash equilibrium.
 
-Conventions. `transitions[s, a, b, s'] = P(s'|s, a, b)`, `rewards[s, a, b]` is the payoff to the
-max player (policy `mu(a|s)`, `A` actions); the min player (policy `nu(b|s)`, `B` actions)
-receives `-rewards`. Both act simultaneously; terminal states follow SPEC 1 (the stage payoff is
-earned, then the episode ends). With temperature `lam > 0` the game's value is
+Conventions (SPEC 6). `transitions[s, a, b, s'] = P(s'|s, a, b)`; `rewards[s, a, b]` is the
+payoff that `J` accumulates. The min player (policy `mu(a|s)`, `A` actions) minimizes `J`; the max
+player (policy `nu(b|s)`, `B` actions) maximizes it. Both act simultaneously; terminal states
+follow SPEC 1 (the stage payoff is earned, then the episode ends). With temperature `lam > 0`
 
-    J(mu, nu) = E_{s_0 ~ initial} [ sum_t gamma^t ( r(s_t, a_t, b_t) - lam log mu(a_t|s_t)
-                                                                 + lam log nu(b_t|s_t) ) ]
+    J(mu, nu) = E_{s_0 ~ initial} [ sum_t gamma^t ( r(s_t, a_t, b_t) + lam log mu(a_t|s_t)
+                                                                 - lam log nu(b_t|s_t) ) ]
 
-The max player maximizes `J`, the min player minimizes it: each player's own entropy is a bonus
-in its own objective (`-lam log mu` raises what mu maximizes, `+lam log nu` lowers what nu
-minimizes), so `J` is strongly concave-convex per state and has a unique regularized Nash
-equilibrium `(mu*, nu*)`, the fixed point of the soft Shapley operator
+Each player's own entropy is a bonus in its own objective: `-lam log nu` raises what nu
+maximizes, `+lam log mu` raises what mu minimizes (mu maximizes `-J`, which carries
+`-lam log mu`). So `J` is strongly convex in `mu` and strongly concave in `nu` per state, and the
+game has a unique regularized Nash equilibrium `(mu*, nu*)`, the fixed point of the soft Shapley
+operator (`H(p) = -sum p log p`)
 
     Q(s, a, b) = r(s, a, b) + gamma (1 - terminal[s]) sum_s' P(s'|s, a, b) V(s')
-    V(s) = max_mu min_nu [ mu^T Q(s) nu + lam H(mu) - lam H(nu) ]
-    mu*(.|s) = softmax(Q(s) nu*(.|s) / lam),   nu*(.|s) = softmax(-Q(s)^T mu*(.|s) / lam)
+    V(s) = min_mu max_nu [ mu^T Q(s) nu - lam H(mu) + lam H(nu) ]
+    mu*(.|s) = softmax(-Q(s) nu*(.|s) / lam),   nu*(.|s) = softmax(Q(s)^T mu*(.|s) / lam)
 
-Given one player's policy the other faces a single-agent soft MDP (`max_player_mdp`,
-`min_player_mdp`) whose rewards include the fixed player's entropy term (a per-state constant for
-the responder, but it changes the values). For the min player the MDP is the negated game, so
-`min_nu' J(mu, nu') = -V*(initial)` of `min_player_mdp`.
+The Nikaido-Isoda gap of a pair is `max_nu' J(mu, nu') - min_mu' J(mu', nu) >= 0`. Given one
+player's policy the other faces a single-agent soft MDP (`max_player_mdp`: nu's, over the `B`
+actions, given mu; `min_player_mdp`: mu's, over the `A` actions, given nu) whose rewards include
+the fixed player's entropy term (a per-state constant for the responder, but it changes the
+values). The min player's MDP is the negated game, so `min_mu' J(mu', nu) = -V*(initial)` of
+`min_player_mdp`.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ class TabularGame:
 
     Attributes:
       transitions: `[S, A, B, S]`, `P(s'|s, a, b)`.
-      rewards: `[S, A, B]`, payoff to the max player (the min player gets `-rewards`).
+      rewards: `[S, A, B]`, the payoff `J` accumulates: maximized by nu (the max player, `B`
+        actions), minimized by mu (the min player, `A` actions).
       discount: scalar in `[0, 1)`.
       initial: `[S]` start-state distribution.
       terminal: optional bool `[S]`; `None` means no terminal states.
@@ -67,13 +71,13 @@ class TabularGame:
 
     @property
     def num_max_actions(self) -> int:
-        """`A`, the max player's action count."""
-        return self.rewards.shape[-2]
+        """`B`, the max player's (nu's) action count."""
+        return self.rewards.shape[-1]
 
     @property
     def num_min_actions(self) -> int:
-        """`B`, the min player's action count."""
-        return self.rewards.shape[-1]
+        """`A`, the min player's (mu's) action count."""
+        return self.rewards.shape[-2]
 
     def continuation(self) -> Array:
         """`(1 - terminal[s])` as a float `[S]` vector (all ones without terminal states)."""
@@ -88,15 +92,17 @@ class GameEquilibrium:
     """Result of `solve_game_equilibrium`.
 
     Attributes:
-      mu_logits: `[S, A]` log-probabilities of the max player's equilibrium policy.
-      nu_logits: `[S, B]` log-probabilities of the min player's equilibrium policy.
+      mu_logits: `[S, A]` log-probabilities of the min player's (mu's) equilibrium policy.
+      nu_logits: `[S, B]` log-probabilities of the max player's (nu's) equilibrium policy.
       mu_policy: `[S, A]`, `exp(mu_logits)`.
       nu_policy: `[S, B]`, `exp(nu_logits)`.
       q: `[S, A, B]` stage-game payoffs `r + gamma (1 - terminal) P V`.
-      v: `[S]` soft Nash values; `initial . v` is `J(mu*, nu*)`.
+      v: `[S]` soft Nash values `min_mu max_nu [mu^T Q nu - lam H(mu) + lam H(nu)]` per state;
+        `initial . v` is `J(mu*, nu*)`.
       residual: `max |V_n - V_{n-1}|` at the last outer sweep.
-      stage_residual: `max |log mu - log softmax(Q nu / lam)|` and the same for `nu` (the stage
-        games' best-response violation, in log-probability units).
+      stage_residual: the larger of `max |log mu - log softmax(-Q nu / lam)|` and
+        `max |log nu - log softmax(Q^T mu / lam)|` (the stage games' best-response violation, in
+        log-probability units).
     """
 
     mu_logits: Array
@@ -178,7 +184,7 @@ def validate_game(game: TabularGame) -> TabularGame:
 def _check_logits(name: str, logits, shape: tuple[int, int]) -> Array:
     got = tuple(getattr(logits, "shape", ()))
     if got != shape:
-        player = "max player's [S, A]" if name == "mu_logits" else "min player's [S, B]"
+        player = "min player's [S, A]" if name == "mu_logits" else "max player's [S, B]"
         raise InvalidArgumentError(
             f"{name}: expected the {player} logits, shape {shape}, got {got}")
     logits = jnp.asarray(logits)
@@ -191,40 +197,45 @@ def _check_logits(name: str, logits, shape: tuple[int, int]) -> Array:
 # Induced single-agent MDPs and the game value
 # --------------------------------------------------------------------------------------------
 
-def max_player_mdp(game: TabularGame, nu_policy: Array, temperature) -> TabularMDP:
-    """The max player's soft MDP given the min player's policy `nu [S, B]`.
+def max_player_mdp(game: TabularGame, mu_policy: Array, temperature) -> TabularMDP:
+    """The max player's (nu's) soft MDP over the `B` actions, given the min player's `mu [S, A]`.
 
-    `r_nu(s, a) = sum_b nu(b|s) r(s, a, b) + lam sum_b nu(b|s) log nu(b|s)` (the min player's
-    `+lam log nu` term of `J`), `P_nu(s'|s, a) = sum_b nu(b|s) P(s'|s, a, b)`. Its soft value
-    (temperature `lam`) of a policy `mu` is `J(mu, nu)` state by state.
-    """
-    lam = jnp.asarray(temperature, game.rewards.dtype)
-    nu_term = lam * jnp.sum(xlogy(nu_policy, nu_policy), axis=-1)
-    rewards = jnp.einsum("sab,sb->sa", game.rewards, nu_policy) + nu_term[:, None]
-    transitions = jnp.einsum("sabt,sb->sat", game.transitions, nu_policy)
-    return TabularMDP(transitions=transitions, rewards=rewards, discount=game.discount,
-                      initial=game.initial, terminal=game.terminal)
-
-
-def min_player_mdp(game: TabularGame, mu_policy: Array, temperature) -> TabularMDP:
-    """The min player's soft MDP (as a maximization of `-J`) given the max player's `mu [S, A]`.
-
-    `r_mu(s, b) = -sum_a mu(a|s) r(s, a, b) + lam sum_a mu(a|s) log mu(a|s)`,
-    `P_mu(s'|s, b) = sum_a mu(a|s) P(s'|s, a, b)`. Its soft value of a policy `nu` is `-J(mu, nu)`.
+    `r_mu(s, b) = sum_a mu(a|s) r(s, a, b) + lam sum_a mu(a|s) log mu(a|s)` (the min player's
+    `+lam log mu` term of `J`), `P_mu(s'|s, b) = sum_a mu(a|s) P(s'|s, a, b)`. Its soft value
+    (temperature `lam`) of a policy `nu` is `J(mu, nu)` state by state.
     """
     lam = jnp.asarray(temperature, game.rewards.dtype)
     mu_term = lam * jnp.sum(xlogy(mu_policy, mu_policy), axis=-1)
-    rewards = -jnp.einsum("sab,sa->sb", game.rewards, mu_policy) + mu_term[:, None]
+    rewards = jnp.einsum("sab,sa->sb", game.rewards, mu_policy) + mu_term[:, None]
     transitions = jnp.einsum("sabt,sa->sbt", game.transitions, mu_policy)
     return TabularMDP(transitions=transitions, rewards=rewards, discount=game.discount,
                       initial=game.initial, terminal=game.terminal)
 
 
+def min_player_mdp(game: TabularGame, nu_policy: Array, temperature) -> TabularMDP:
+    """The min player's (mu's) soft MDP over `A` actions given nu `[S, B]`, maximizing `-J`.
+
+    `r_nu(s, a) = -sum_b nu(b|s) r(s, a, b) + lam sum_b nu(b|s) log nu(b|s)` (the negated game's
+    payoff and the max player's `-lam log nu` term of `J`, negated),
+    `P_nu(s'|s, a) = sum_b nu(b|s) P(s'|s, a, b)`. Its soft value of a policy `mu` is
+    `-J(mu, nu)`.
+    """
+    lam = jnp.asarray(temperature, game.rewards.dtype)
+    nu_term = lam * jnp.sum(xlogy(nu_policy, nu_policy), axis=-1)
+    rewards = -jnp.einsum("sab,sb->sa", game.rewards, nu_policy) + nu_term[:, None]
+    transitions = jnp.einsum("sabt,sb->sat", game.transitions, nu_policy)
+    return TabularMDP(transitions=transitions, rewards=rewards, discount=game.discount,
+                      initial=game.initial, terminal=game.terminal)
+
+
 def game_value(game: TabularGame, mu_policy: Array, nu_policy: Array, temperature) -> Array:
-    """`J(mu, nu)` (scalar): the regularized value at the initial distribution."""
+    """`J(mu, nu)` (scalar): the regularized value at the initial distribution.
+
+    `mu_policy [S, A]` is the min player's policy, `nu_policy [S, B]` the max player's.
+    """
     check_game_shapes(game)
-    mdp = max_player_mdp(game, nu_policy, temperature)
-    values = policy_evaluation(mdp, mu_policy, temperature).v
+    mdp = max_player_mdp(game, mu_policy, temperature)
+    values = policy_evaluation(mdp, nu_policy, temperature).v
     return jnp.dot(game.initial.astype(values.dtype), values)
 
 
@@ -276,14 +287,15 @@ def _best_response_value(mdp: TabularMDP, temperature, linear_solver, solver_opt
 def nikaido_isoda_gap(game: TabularGame, x, mu_logits: Array, nu_logits: Array, temperature,
                       incentive_fn: Callable[[TabularGame, Any], TabularGame] | None = None, *,
                       linear_solver: str = "auto", **solver_options) -> Array:
-    """Nikaido-Isoda gap `max_mu' J_x(mu', nu) - min_nu' J_x(mu, nu') >= 0` of `(mu, nu)`.
+    """Nikaido-Isoda gap `max_nu' J_x(mu, nu') - min_mu' J_x(mu', nu) >= 0` of `(mu, nu)`.
 
-    `mu = softmax(mu_logits)` (max player), `nu = softmax(nu_logits)` (min player), `J_x` the
-    regularized value (module docstring) of the game `apply_incentive(game, x, incentive_fn)`.
-    Each inner optimum is a single-agent soft MDP solved by `soft_value_iteration` (the min
-    player's as the maximization of `-J`). The gap is zero exactly at the regularized Nash
-    equilibrium (for an initial distribution reaching every state; otherwise at any pair that
-    is an equilibrium on the reachable states).
+    SPEC 6: `mu = softmax(mu_logits)` is the min player (`A` actions), `nu = softmax(nu_logits)`
+    the max player (`B` actions), `J_x` the regularized value (module docstring) of the game
+    `apply_incentive(game, x, incentive_fn)`. Each inner optimum is a single-agent soft MDP
+    solved by `soft_value_iteration`: nu's best response to mu in `max_player_mdp`, mu's best
+    response to nu in `min_player_mdp` (the maximization of `-J`). The gap is zero exactly at
+    the regularized Nash equilibrium (for an initial distribution reaching every state;
+    otherwise at any pair that is an equilibrium on the reachable states).
 
     Differentiable in `x`, `mu_logits` and `nu_logits`: by Danskin's theorem the best responses
     are held fixed (no derivative through the solvers), which is the exact gradient when the
@@ -292,8 +304,8 @@ def nikaido_isoda_gap(game: TabularGame, x, mu_logits: Array, nu_logits: Array, 
     Args:
       game: the `TabularGame` before incentives.
       x: incentive (any pytree understood by `incentive_fn`; by default `[S, A, B]` or None).
-      mu_logits: `[S, A]` max player's logits.
-      nu_logits: `[S, B]` min player's logits.
+      mu_logits: `[S, A]` min player's logits.
+      nu_logits: `[S, B]` max player's logits.
       temperature: `lam > 0`.
       incentive_fn: optional `(game, x) -> TabularGame`; default adds `x` to the rewards.
       linear_solver: method of the policy-evaluation solves.
@@ -313,10 +325,10 @@ def nikaido_isoda_gap(game: TabularGame, x, mu_logits: Array, nu_logits: Array, 
     num_states, num_a, num_b = g.rewards.shape
     mu = jax.nn.softmax(_check_logits("mu_logits", mu_logits, (num_states, num_a)), axis=-1)
     nu = jax.nn.softmax(_check_logits("nu_logits", nu_logits, (num_states, num_b)), axis=-1)
-    best_max = _best_response_value(max_player_mdp(g, nu, temperature), temperature,
-                                    linear_solver, solver_options)
-    best_min = -_best_response_value(min_player_mdp(g, mu, temperature), temperature,
-                                     linear_solver, solver_options)
+    best_max = _best_response_value(max_player_mdp(g, mu, temperature), temperature,
+                                    linear_solver, solver_options)       # max_nu' J(mu, nu')
+    best_min = -_best_response_value(min_player_mdp(g, nu, temperature), temperature,
+                                     linear_solver, solver_options)      # min_mu' J(mu', nu)
     return best_max - best_min
 
 
@@ -325,16 +337,18 @@ def nikaido_isoda_gap(game: TabularGame, x, mu_logits: Array, nu_logits: Array, 
 # --------------------------------------------------------------------------------------------
 
 def _stage_value(q, log_mu, log_nu, lam):
-    """`[S]` regularized stage payoff `mu^T Q nu + lam H(mu) - lam H(nu)`."""
+    """`[S]` regularized stage payoff `mu^T Q nu - lam H(mu) + lam H(nu)`."""
     mu, nu = jnp.exp(log_mu), jnp.exp(log_nu)
-    return (jnp.einsum("sa,sab,sb->s", mu, q, nu) - lam * jnp.sum(mu * log_mu, -1)
-            + lam * jnp.sum(nu * log_nu, -1))
+    return (jnp.einsum("sa,sab,sb->s", mu, q, nu) + lam * jnp.sum(mu * log_mu, -1)
+            - lam * jnp.sum(nu * log_nu, -1))
 
 
 def _stage_residual(q, log_mu, log_nu, lam):
+    """Largest log-probability distance of each player from its stage best response:
+    `mu -> softmax(-Q nu / lam)` (minimizer), `nu -> softmax(Q^T mu / lam)` (maximizer)."""
     mu, nu = jnp.exp(log_mu), jnp.exp(log_nu)
-    br_mu = jax.nn.log_softmax(jnp.einsum("sab,sb->sa", q, nu) / lam, axis=-1)
-    br_nu = jax.nn.log_softmax(-jnp.einsum("sab,sa->sb", q, mu) / lam, axis=-1)
+    br_mu = jax.nn.log_softmax(-jnp.einsum("sab,sb->sa", q, nu) / lam, axis=-1)
+    br_nu = jax.nn.log_softmax(jnp.einsum("sab,sa->sb", q, mu) / lam, axis=-1)
     return jnp.maximum(jnp.max(jnp.abs(log_mu - br_mu)), jnp.max(jnp.abs(log_nu - br_nu)))
 
 
@@ -343,6 +357,8 @@ def _extragradient(q, log_mu, log_nu, lam, num_steps):
 
     The predictive update of Cen, Wei & Chi (2021), in log space with step `eta(s) =
     1 / (lam + 2 max |Q(s) - mean Q(s)|)`; linear convergence at rate `1 - eta lam` per step.
+    mu (the minimizer) moves along `-Q nu`, nu (the maximizer) along `+Q^T mu`; centering `Q`
+    shifts every logit of a state equally, which the softmax ignores.
     """
     centered = q - jnp.mean(q, axis=(-2, -1), keepdims=True)
     eta = 1.0 / (lam + 2.0 * jnp.max(jnp.abs(centered), axis=(-2, -1)))
@@ -352,11 +368,11 @@ def _extragradient(q, log_mu, log_nu, lam, num_steps):
     def step(_, carry):
         lmu, lnu = carry
         mu, nu = jnp.exp(lmu), jnp.exp(lnu)
-        lmu_bar = jax.nn.log_softmax(keep * lmu + eta * jnp.einsum("sab,sb->sa", centered, nu), -1)
-        lnu_bar = jax.nn.log_softmax(keep * lnu - eta * jnp.einsum("sab,sa->sb", centered, mu), -1)
+        lmu_bar = jax.nn.log_softmax(keep * lmu - eta * jnp.einsum("sab,sb->sa", centered, nu), -1)
+        lnu_bar = jax.nn.log_softmax(keep * lnu + eta * jnp.einsum("sab,sa->sb", centered, mu), -1)
         mu_bar, nu_bar = jnp.exp(lmu_bar), jnp.exp(lnu_bar)
-        lmu = jax.nn.log_softmax(keep * lmu + eta * jnp.einsum("sab,sb->sa", centered, nu_bar), -1)
-        lnu = jax.nn.log_softmax(keep * lnu - eta * jnp.einsum("sab,sa->sb", centered, mu_bar), -1)
+        lmu = jax.nn.log_softmax(keep * lmu - eta * jnp.einsum("sab,sb->sa", centered, nu_bar), -1)
+        lnu = jax.nn.log_softmax(keep * lnu + eta * jnp.einsum("sab,sa->sb", centered, mu_bar), -1)
         return lmu, lnu
 
     return lax.fori_loop(0, num_steps, step, (log_mu, log_nu))
@@ -367,7 +383,8 @@ def solve_game_equilibrium(game: TabularGame, temperature, num_iters: int = 500,
     """Regularized Nash equilibrium by soft minimax (Shapley) value iteration.
 
     Each of the `num_iters` outer sweeps forms `Q = r + gamma (1 - terminal) P V` and solves every
-    stage game `max_mu min_nu mu^T Q(s) nu + lam H(mu) - lam H(nu)` approximately by
+    stage game `min_mu max_nu mu^T Q(s) nu - lam H(mu) + lam H(nu)` (mu minimizes, nu maximizes;
+    each player's entropy is a bonus in its own objective) approximately by
     `inner_iters` extragradient steps, warm-started from the previous sweep's policies; `V(s)` is
     the stage payoff at those policies. The outer map is a `gamma`-contraction, and the warm-started
     inner iterations keep converging as `Q` settles, so the error decays like
@@ -375,9 +392,9 @@ def solve_game_equilibrium(game: TabularGame, temperature, num_iters: int = 500,
     returned `residual` and `stage_residual` report where it stopped. Small `lam` relative to the
     payoff range slows the inner solver (rate `1 - eta lam`): raise `inner_iters` there, and
     raise `num_iters` to about `30 / (1 - gamma)` for discounts close to 1.
-    Measured accuracy in float64 on random games (`S = 6`, `A = 3`, `B = 2`, payoffs in
+    Measured accuracy in float64 on 5 random games (`S = 6`, `A = 3`, `B = 2`, payoffs in
     `[-1, 1]`, `gamma = 0.9`, default iterations) for `lam` from 1 down to 0.01: value residual
-    0 to 1e-16, `stage_residual` from 1e-15 (`lam = 1`) to 3e-12 (`lam = 0.01`, round-off of
+    below 1e-15, `stage_residual` from 1e-15 (`lam = 1`) to 6e-12 (`lam = 0.01`, round-off of
     `Q / lam`), Nikaido-Isoda gap at the result below 1e-14 in absolute value.
 
     Args:

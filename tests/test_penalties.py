@@ -368,7 +368,7 @@ def test_penalty_bad_inputs_name_the_field():
 # Zero-sum Markov game: Nikaido-Isoda gap and equilibrium
 # ----------------------------------------------------------------------------------------------
 
-GA, GB, GD = 3, 2, 3  # max player's actions, min player's actions, incentive features
+GA, GB, GD = 3, 2, 3  # mu's actions (min player), nu's actions (max player), incentive features
 GAME_TERMINAL = np.array([False, False, True, False, False, False])
 _grng = np.random.default_rng(77)
 G_P = _grng.dirichlet(np.ones(S), size=(S, GA, GB))
@@ -437,17 +437,21 @@ def np_game(case, x):
 
 
 def np_joint_value(P, R, keep, log_mu, log_nu):
-    """`J(mu, nu)` by evaluating the joint policy on the (a, b) action product: no induced MDPs."""
+    """`J(mu, nu)` by evaluating the joint policy on the (a, b) action product: no induced MDPs.
+
+    SPEC 6 convention: the stage payoff is `r + lam log mu - lam log nu` (nu maximizes `J` with
+    its entropy bonus `-lam log nu`, mu minimizes it with its bonus `+lam log mu`).
+    """
     mu, nu = np.exp(log_mu), np.exp(log_nu)
     joint = (mu[:, :, None] * nu[:, None, :]).reshape(S, GA * GB)
-    stage = R - LAM * log_mu[:, :, None] + LAM * log_nu[:, None, :]
+    stage = R + LAM * log_mu[:, :, None] - LAM * log_nu[:, None, :]
     P_pi = keep[:, None] * np.einsum("sj,sjt->st", joint, P.reshape(S, GA * GB, S))
     r_pi = np.sum(joint * stage.reshape(S, GA * GB), -1)
     return np.linalg.solve(np.eye(S) - GAMMA * P_pi, r_pi)
 
 
 def np_best_responses(case, x, mu_logits, nu_logits, terminal=True):
-    """`(max_mu' J(mu', nu), min_nu' J(mu, nu'))`.
+    """`(max_nu' J(mu, nu'), min_mu' J(mu', nu))`: nu is the maximizer, mu the minimizer.
 
     Best responses by soft VI on induced MDPs built here; their values are re-checked on the
     joint policy (which does not use the induced MDPs' entropy terms).
@@ -456,14 +460,15 @@ def np_best_responses(case, x, mu_logits, nu_logits, terminal=True):
     keep = 1.0 - GAME_TERMINAL if terminal else np.ones(S)
     log_mu, log_nu = np_log_softmax(mu_logits), np_log_softmax(nu_logits)
     mu, nu = np.exp(log_mu), np.exp(log_nu)
-    # Max player vs nu: rewards E_b[r + lam log nu], kernel E_b[P].
-    r_max = np.einsum("sab,sb->sa", R, nu) + LAM * np.sum(nu * log_nu, -1)[:, None]
-    _, v_max, br_mu = np_soft_vi(np.einsum("sabt,sb->sat", P, nu), r_max, keep)
-    # Min player vs mu, as a maximization of -J: rewards E_a[-r + lam log mu], kernel E_a[P].
-    r_min = -np.einsum("sab,sa->sb", R, mu) + LAM * np.sum(mu * log_mu, -1)[:, None]
-    _, v_min, br_nu = np_soft_vi(np.einsum("sabt,sa->sbt", P, mu), r_min, keep)
-    best_max = np_joint_value(P, R, keep, np.log(br_mu), log_nu)
-    best_min = np_joint_value(P, R, keep, log_mu, np.log(br_nu))
+    # nu (max player) vs mu, over the B actions: rewards E_a[r + lam log mu], kernel E_a[P].
+    r_max = np.einsum("sab,sa->sb", R, mu) + LAM * np.sum(mu * log_mu, -1)[:, None]
+    _, v_max, br_nu = np_soft_vi(np.einsum("sabt,sa->sbt", P, mu), r_max, keep)
+    # mu (min player) vs nu, over the A actions, as a maximization of -J:
+    # rewards E_b[-r + lam log nu], kernel E_b[P].
+    r_min = -np.einsum("sab,sb->sa", R, nu) + LAM * np.sum(nu * log_nu, -1)[:, None]
+    _, v_min, br_mu = np_soft_vi(np.einsum("sabt,sb->sat", P, nu), r_min, keep)
+    best_max = np_joint_value(P, R, keep, log_mu, np.log(br_nu))
+    best_min = np_joint_value(P, R, keep, np.log(br_mu), log_nu)
     np.testing.assert_allclose(best_max, v_max, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(best_min, -v_min, rtol=1e-10, atol=1e-12)
     return G_INITIAL @ best_max, G_INITIAL @ best_min
@@ -505,13 +510,14 @@ def test_ni_gap_positive_and_matches_reference(case, terminal):
         best_max, best_min = np_best_responses(case, x, mu_logits, nu_logits, terminal)
         assert value > 1e-6
         assert_rel_close(value, best_max - best_min, rtol=1e-9)
-        # The best responses do at least as well as the pair itself and as other policies.
+        # The best responses do at least as well as the pair itself and as other policies:
+        # nu' raises J (max player), mu' lowers it (min player).
         pair = np_value(case, x, mu_logits, nu_logits, terminal)
         assert best_min < pair < best_max
         for other in range(3):
             mu_prime, nu_prime = random_players(100 + other)
-            assert np_value(case, x, mu_prime, nu_logits, terminal) < best_max
-            assert np_value(case, x, mu_logits, nu_prime, terminal) > best_min
+            assert np_value(case, x, mu_logits, nu_prime, terminal) < best_max
+            assert np_value(case, x, mu_prime, nu_logits, terminal) > best_min
 
 
 @pytest.mark.parametrize("terminal", [True, False], ids=["term", "noterm"])
@@ -532,6 +538,54 @@ def test_ni_gap_vanishes_at_the_computed_equilibrium(case, terminal):
                                           np.asarray(eq.nu_logits)), rtol=1e-10)
     assert gap(case, x, eq.mu_logits.at[0, 0].add(0.05), eq.nu_logits, terminal)[0] > 1e-6
     assert gap(case, x, eq.mu_logits, eq.nu_logits.at[3, 1].add(0.05), terminal)[0] > 1e-6
+    # The NumPy best responses close the gap too, and the stage games are solved in the SPEC 6
+    # convention: Q = R + gamma keep P V, mu = softmax(-Q nu / lam) (minimizer),
+    # nu = softmax(Q^T mu / lam) (maximizer), V = mu^T Q nu + lam mu.log mu - lam nu.log nu.
+    best_max, best_min = np_best_responses(case, x, np.asarray(eq.mu_logits),
+                                           np.asarray(eq.nu_logits), terminal)
+    assert abs(best_max - best_min) < 1e-10
+    log_mu, log_nu, v = (np.asarray(a) for a in (eq.mu_logits, eq.nu_logits, eq.v))
+    mu, nu = np.exp(log_mu), np.exp(log_nu)
+    q = R + GAMMA * keep[:, None, None] * np.einsum("sabt,t->sab", P, v)
+    assert_rel_close(eq.q, q, rtol=1e-12)
+    np.testing.assert_allclose(log_mu, np_log_softmax(-np.einsum("sab,sb->sa", q, nu) / LAM),
+                               atol=1e-10)
+    np.testing.assert_allclose(log_nu, np_log_softmax(np.einsum("sab,sa->sb", q, mu) / LAM),
+                               atol=1e-10)
+    stage = (np.einsum("sa,sab,sb->s", mu, q, nu) + LAM * np.sum(mu * log_mu, -1)
+             - LAM * np.sum(nu * log_nu, -1))
+    assert_rel_close(v, stage, rtol=1e-12)
+
+
+def test_game_convention_nu_maximizes_and_mu_minimizes():
+    """A separable game r(s, a, b) = c(s, a) + d(s, b) with action-independent transitions:
+    J splits into mu's part (minimized, with bonus +lam log mu) and nu's part (maximized, with
+    bonus -lam log nu), so the equilibrium is mu = softmax(-c / lam), nu = softmax(d / lam)."""
+    rng = np.random.default_rng(31)
+    c, d = rng.uniform(-1, 1, size=(S, GA)), rng.uniform(-1, 1, size=(S, GB))
+    kernel = rng.dirichlet(np.ones(S), size=S)
+    game = make_game().replace(
+        rewards=jnp.asarray(c[:, :, None] + d[:, None, :]),
+        transitions=jnp.asarray(np.broadcast_to(kernel[:, None, None, :], (S, GA, GB, S))))
+    eq = _solve_equilibrium(game, LAM, 400)
+    mu_star, nu_star = np_log_softmax(-c / LAM), np_log_softmax(d / LAM)
+    np.testing.assert_allclose(eq.mu_logits, mu_star, atol=1e-10)
+    np.testing.assert_allclose(eq.nu_logits, nu_star, atol=1e-10)
+
+    def gap_at(mu_logits, nu_logits):
+        return float(_GAP_VALUE_AND_GRAD["additive"](
+            game, jnp.zeros((S, GA, GB)), jnp.asarray(mu_logits), jnp.asarray(nu_logits))[0])
+
+    assert abs(gap_at(mu_star, nu_star)) < 1e-10
+    # The roles swapped (mu maximizing c, nu minimizing d) are far from the equilibrium.
+    assert gap_at(c / LAM, -d / LAM) > 0.1
+    def value(mu_logits, nu_logits):
+        return float(game_value(game, jax.nn.softmax(jnp.asarray(mu_logits)),
+                                jax.nn.softmax(jnp.asarray(nu_logits)), LAM))
+
+    # J at the equilibrium: nu's deviations lower it, mu's raise it.
+    assert value(mu_star, d / LAM + 0.3 * rng.normal(size=(S, GB))) < value(mu_star, nu_star)
+    assert value(-c / LAM + 0.3 * rng.normal(size=(S, GA)), nu_star) > value(mu_star, nu_star)
 
 
 @pytest.mark.parametrize("case", list(GAP_CASES))
