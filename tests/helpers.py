@@ -15,10 +15,7 @@ soft_vi = jax.jit(bj.soft_value_iteration, static_argnames=(
     "tol", "max_iters", "num_sweeps", "differentiation", "linear_solver"))
 value_iteration = jax.jit(bj.value_iteration, static_argnames=(
     "tol", "max_iters", "num_sweeps", "differentiation", "linear_solver"))
-policy_evaluation = jax.jit(bj.policy_evaluation, static_argnames=("linear_solver",))
 visitation = jax.jit(bj.visitation, static_argnames=("linear_solver",))
-
-LINEAR_SOLVERS = ("auto", "direct", "richardson", "gmres")
 
 
 def to_mdp(ref: RefMDP, *, sparse: bool = False, dtype=jnp.float64, discount=None) -> bj.TabularMDP:

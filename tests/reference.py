@@ -124,7 +124,7 @@ def soft_v(q: np.ndarray, lam: float | None) -> np.ndarray:
 def soft_bellman(q, P, r, gamma, lam, terminal=None):
     """`T(q) = r + gamma (1 - terminal) P soft_v(q)`; hard max when `lam is None`."""
     keep = continuation(terminal, r.shape[0])
-    return r + gamma * keep[:, None] * np.einsum("sat,t->sa", P, soft_v(q, lam))
+    return r + gamma * keep[:, None] * (P @ soft_v(q, lam))
 
 
 def policy_kernel(P, pi, terminal=None) -> np.ndarray:
@@ -134,23 +134,34 @@ def policy_kernel(P, pi, terminal=None) -> np.ndarray:
 
 
 def _newton_polish(q, P, r, gamma, lam, terminal, max_steps=30):
-    """Newton steps on `T(q) - q = 0` (Jacobian `gamma C P Pi`), to machine precision."""
+    """Newton steps on `T(q) - q = 0` (Jacobian `gamma C P Pi`), to machine precision.
+
+    Stops as soon as a step no longer halves the residual (round-off level reached).
+    """
     S, A = r.shape
     keep = continuation(terminal, S)
+    residual = soft_bellman(q, P, r, gamma, lam, terminal) - q
+    size = np.max(np.abs(residual))
     for _ in range(max_steps):
-        residual = soft_bellman(q, P, r, gamma, lam, terminal) - q
-        if np.max(np.abs(residual)) <= 1e-15 * max(1.0, np.max(np.abs(q))):
+        if size == 0.0:
             break
         pi = softmax(q / lam, axis=-1)
         # J[(s,a), (t,b)] = gamma keep[s] P(t|s,a) pi(b|t)
         J = gamma * keep[:, None, None, None] * P[:, :, :, None] * pi[None, None, :, :]
         J = J.reshape(S * A, S * A)
         step = np.linalg.solve(np.eye(S * A) - J, residual.reshape(-1))
-        q = q + step.reshape(S, A)
+        q_new = q + step.reshape(S, A)
+        residual_new = soft_bellman(q_new, P, r, gamma, lam, terminal) - q_new
+        size_new = np.max(np.abs(residual_new))
+        if size_new <= size:
+            q = q_new
+        if not size_new < 0.5 * size:
+            break
+        residual, size = residual_new, size_new
     return q
 
 
-def soft_value_iteration(P, r, gamma, lam, terminal=None, *, tol=1e-10, max_iters=1_000_000,
+def soft_value_iteration(P, r, gamma, lam, terminal=None, *, tol=1e-6, max_iters=1_000_000,
                          polish=True):
     """Soft value iteration from `q = 0`; returns `(q, v, pi)`.
 
@@ -179,7 +190,7 @@ def soft_sweeps(P, r, gamma, lam, terminal=None, *, num_sweeps, init_q=None):
     return q
 
 
-def value_iteration(P, r, gamma, terminal=None, *, tol=1e-10, max_iters=1_000_000):
+def value_iteration(P, r, gamma, terminal=None, *, tol=1e-4, max_iters=1_000_000):
     """Hard value iteration followed by policy iteration to the exact fixed point.
 
     Returns `(q, v, pi)` with `pi` the greedy one-hot policy.
