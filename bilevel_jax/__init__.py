@@ -33,7 +33,8 @@ from bilevel_jax.problem import (
     leader_objective,
     validate_problem,
 )
-from bilevel_jax import estimators
+from bilevel_jax import algorithms, estimators
+from bilevel_jax.algorithms import Algorithm, NonFiniteError, TrainResult, pbrl, train
 from bilevel_jax.games import TabularGame, nikaido_isoda_gap, solve_game_equilibrium, validate_game
 from bilevel_jax.penalties import bellman_penalty, value_penalty
 from bilevel_jax.estimators import Estimator, hypergradient, make_estimator
@@ -42,7 +43,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BilevelJaxError",
+    "Algorithm",
     "BilevelProblem",
+    "NonFiniteError",
+    "TrainResult",
+    "algorithms",
+    "pbrl",
+    "train",
     "TabularGame",
     "bellman_penalty",
     "nikaido_isoda_gap",

@@ -1,0 +1,23 @@
+"""Leader algorithms: hypergradient ascent with any estimator, PBRL, and the training drivers."""
+
+from bilevel_jax.algorithms.ascent import hypergradient_ascent
+from bilevel_jax.algorithms.base import METRICS, Algorithm
+from bilevel_jax.algorithms.pbrl import pbrl, policy_objective
+from bilevel_jax.algorithms.train import (
+    NonFiniteError,
+    TrainResult,
+    batched_fns,
+    chunk_fn,
+    initialize_distributed,
+    pad_runs,
+    padded_size,
+    run_mesh,
+    shard_runs,
+    train,
+)
+
+ALGORITHMS = {"ascent": hypergradient_ascent, "pbrl": pbrl}
+
+__all__ = ["ALGORITHMS", "Algorithm", "METRICS", "NonFiniteError", "TrainResult", "batched_fns",
+           "chunk_fn", "hypergradient_ascent", "initialize_distributed", "pad_runs",
+           "padded_size", "pbrl", "policy_objective", "run_mesh", "shard_runs", "train"]

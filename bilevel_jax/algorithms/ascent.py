@@ -1,0 +1,48 @@
+"""Hypergradient ascent: any estimator, any optax optimizer (fed `-grad F`, since optax minimizes)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from bilevel_jax.algorithms.base import Algorithm, any_nonfinite, global_norm
+from bilevel_jax.estimators.base import Estimator, make_estimator
+from bilevel_jax.problem import leader_objective
+
+
+def hypergradient_ascent(estimator: Estimator | str, optimizer: optax.GradientTransformation, *,
+                         track_objective: bool = True, **estimator_options) -> Algorithm:
+    """Ascent on `F` with `estimator`'s gradients.
+
+    `objective` is the exact `F(x)` at the iterate the gradient was taken at (one extra model
+    solve per iteration) when `track_objective`; otherwise the estimator's own `info["objective"]`
+    if it has one, else NaN.
+    """
+    estimator = make_estimator(estimator, **estimator_options)
+
+    def init(problem, x0, key):
+        return {"x": x0, "opt": optimizer.init(x0), "estimator": estimator.init(problem, x0),
+                "key": key, "step": jnp.zeros((), jnp.int32)}
+
+    def step(problem, state):
+        key, sub = jax.random.split(state["key"])
+        x = state["x"]
+        grad, est_state, info = estimator.update(problem, x, state["estimator"], sub)
+        updates, opt_state = optimizer.update(jax.tree_util.tree_map(jnp.negative, grad),
+                                              state["opt"], x)
+        new_x = optax.apply_updates(x, updates)
+        if track_objective:
+            objective = leader_objective(problem, x)
+        else:
+            objective = info.get("objective", jnp.nan)
+        metrics = {"objective": jnp.asarray(objective, jnp.float32),
+                   "grad_norm": global_norm(grad).astype(jnp.float32),
+                   "follower_residual": jnp.asarray(info.get("follower_residual", 0.0), jnp.float32),
+                   "samples": jnp.asarray(info.get("samples", 0), jnp.float32),
+                   "nonfinite": any_nonfinite(grad, new_x)}
+        new_state = {"x": new_x, "opt": opt_state, "estimator": est_state, "key": key,
+                     "step": state["step"] + 1}
+        return new_state, metrics
+
+    return Algorithm(init, step)
