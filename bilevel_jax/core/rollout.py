@@ -99,50 +99,69 @@ def sample_trajectories(key: Array, mdp: TabularMDP, policy: Array, *, num_envs:
             f"policy: expected shape [S, A] = {tuple(mdp.rewards.shape)}, got {tuple(policy.shape)}")
 
     num_states, num_actions = mdp.rewards.shape
-    if isinstance(mdp.transitions, SparseTransitions):
-        successors = mdp.transitions.indices.reshape(num_states * num_actions, -1)
-        transition_cdf = jnp.cumsum(mdp.transitions.probs, axis=-1)
-    else:
-        successors = None
-        transition_cdf = jnp.cumsum(mdp.transitions, axis=-1)
-    transition_cdf = transition_cdf.reshape(num_states * num_actions, -1)
     policy_cdf = jnp.cumsum(policy, axis=-1)
     initial_cdf = jnp.cumsum(mdp.initial)[None, :]
     terminal = (jnp.zeros(num_states, bool) if mdp.terminal is None
                 else jnp.asarray(mdp.terminal, bool))
     zeros = jnp.zeros(num_envs, jnp.int32)
+    sparse = isinstance(mdp.transitions, SparseTransitions)
+    if sparse:
+        # Joint inverse CDF over the A x B (action, stored successor) pairs of each state: one
+        # uniform per step instead of two, the same distribution.
+        branching = mdp.transitions.branching
+        joint = policy[:, :, None] * mdp.transitions.probs
+        joint_cdf = jnp.cumsum(joint.reshape(num_states, num_actions * branching), axis=-1)
+        successors = mdp.transitions.indices.reshape(num_states, num_actions * branching)
+    else:
+        transition_cdf = jnp.cumsum(mdp.transitions, axis=-1).reshape(num_states * num_actions, -1)
 
     def draw_initial(u):
-        return _inverse_cdf(initial_cdf, zeros, u)
+        return _inverse_cdf(initial_cdf, jnp.zeros(u.shape, jnp.int32).reshape(-1), u.reshape(-1)
+                            ).reshape(u.shape)
 
     for name, value in (("start_states", start_states), ("start_actions", start_actions)):
         if value is not None and tuple(value.shape) != (num_envs,):
             raise InvalidArgumentError(
                 f"{name}: expected shape [num_envs] = [{num_envs}], got {tuple(value.shape)}")
-    key_start, key_steps = jax.random.split(key)
+    key_start, key_steps, key_reset = jax.random.split(key, 3)
     start = (draw_initial(jax.random.uniform(key_start, (num_envs,))) if start_states is None
              else jnp.asarray(start_states, jnp.int32))
-    uniforms = jax.random.uniform(key_steps, (num_steps, 3, num_envs))
+    uniforms = jax.random.uniform(key_steps, (num_steps, 1 if sparse else 2, num_envs))
+    # Reset states are drawn up front (vectorized); a deterministic start needs no randomness.
+    deterministic_start = jnp.max(mdp.initial) >= 1.0
+    reset_states = lax.cond(
+        deterministic_start,
+        lambda: jnp.full((num_steps, num_envs), jnp.argmax(mdp.initial), jnp.int32),
+        lambda: draw_initial(jax.random.uniform(key_reset, (num_steps, num_envs))))
     forced = jnp.zeros(num_steps, bool).at[0].set(start_actions is not None)
     first_actions = zeros if start_actions is None else jnp.asarray(start_actions, jnp.int32)
 
+    def sample_sparse(state, u, force):
+        pair = _inverse_cdf(joint_cdf, state, u[0])
+        if start_actions is not None:
+            # A forced first action: its successor from that action's row of the kernel.
+            k = _inverse_cdf(mdp.transitions.probs.reshape(num_states * num_actions, branching)
+                             .cumsum(-1), state * num_actions + first_actions, u[0])
+            pair = jnp.where(force, first_actions * branching + k, pair)
+        return pair // branching, successors[state, pair]
+
+    def sample_dense(state, u, force):
+        action = jnp.where(force, first_actions, _inverse_cdf(policy_cdf, state, u[0]))
+        return action, _inverse_cdf(transition_cdf, state * num_actions + action, u[1])
+
     def step(carry, inputs):
         state, time = carry
-        u, force = inputs
-        action = jnp.where(force, first_actions, _inverse_cdf(policy_cdf, state, u[0]))
-        row = state * num_actions + action
-        k = _inverse_cdf(transition_cdf, row, u[1])
-        next_state = k if successors is None else successors[row, k]
+        u, force, reset_state = inputs
+        action, next_state = (sample_sparse if sparse else sample_dense)(state, u, force)
         terminated = terminal[state]
         done = terminated
         if max_episode_steps is not None:
             done = done | (time + 1 >= max_episode_steps)
-        reset_state = draw_initial(u[2])
         out = (state, action, mdp.rewards[state, action], next_state, done, terminated, time)
         carry = (jnp.where(done, reset_state, next_state), jnp.where(done, 0, time + 1))
         return carry, out
 
-    _, out = lax.scan(step, (start, zeros), (uniforms, forced))
+    _, out = lax.scan(step, (start, zeros), (uniforms, forced, reset_states))
     states, actions, rewards, next_states, dones, terminated, times = out
     return Trajectory(states=states, actions=actions, rewards=rewards, next_states=next_states,
                       dones=dones, terminated=terminated, times=times)
