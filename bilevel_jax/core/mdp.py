@@ -120,10 +120,12 @@ class TabularMDP:
 
 
 def expected_next(transitions: Transitions, values: Array) -> Array:
-    """`sum_s' P(s'|s, a) values(s')`: `[S]` -> `[S, A]`."""
+    """`sum_s' P(s'|s, a) values(s', ...)`: `[S, ...]` -> `[S, A, ...]` (trailing axes ride along)."""
     if isinstance(transitions, SparseTransitions):
-        return jnp.sum(transitions.probs * values[transitions.indices], axis=-1)
-    return jnp.einsum("sat,t->sa", transitions, values)
+        gathered = values[transitions.indices]                       # [S, A, B, ...]
+        probs = transitions.probs.reshape(transitions.probs.shape + (1,) * (values.ndim - 1))
+        return jnp.sum(probs * gathered, axis=2)
+    return jnp.tensordot(transitions, values, axes=1)
 
 
 def pushforward(transitions: Transitions, weights: Array) -> Array:
