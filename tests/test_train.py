@@ -147,3 +147,12 @@ def test_sharded_batch_equals_unsharded_on_four_cpu_devices():
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "SHARDED_OK" in out.stdout
+
+
+def test_pbrl_gradients_stay_finite_when_float32_softmax_underflows():
+    from bilevel_jax.algorithms.pbrl import policy_objective
+    pb, x = random_bilevel_problem(0, dtype=jnp.float32)
+    y = jnp.zeros((2, 10, 4), jnp.float32).at[:, :, 0].set(200.0)  # exact zeros after softmax
+    assert float(jnp.min(jax.nn.softmax(y, -1))) == 0.0
+    g = jax.grad(lambda y: bj.value_penalty(pb, x, y) + policy_objective(pb, x, y))(y)
+    assert bool(jnp.all(jnp.isfinite(g)))

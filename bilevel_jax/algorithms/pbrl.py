@@ -49,7 +49,8 @@ def pbrl(optimizer: optax.GradientTransformation, *, penalty: str = "value", rho
          track_objective: bool = True) -> Algorithm:
     if penalty not in PENALTIES:
         raise InvalidArgumentError(f"penalty: expected one of {PENALTIES}, got {penalty!r}")
-    if not 0 < rho_0 <= rho_max:
+    if not any(isinstance(v, jax.core.Tracer) for v in (rho_0, rho_max)) and not 0 < rho_0 <= rho_max:
+        # (traced values, e.g. swept under vmap, are not checked here)
         raise InvalidArgumentError(
             f"rho_0, rho_max: expected 0 < rho_0 <= rho_max, got {rho_0}, {rho_max}")
 
@@ -60,8 +61,6 @@ def pbrl(optimizer: optax.GradientTransformation, *, penalty: str = "value", rho
         return jax.lax.stop_gradient(map_contexts_with(one, problem, q0))
 
     def init(problem, x0, key):
-        def zero(context):
-            return jnp.zeros_like(problem.follower(x0, context).rewards)
         q = map_contexts(lambda c: soft_value_iteration(problem.follower(x0, c),
                                                         problem.temperature).q, problem)
         params = {"x": x0, "y": q / problem.temperature}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jax.scipy.special import xlogy
 
 from bilevel_jax.core.linear import LinearSolverOptions, solve_policy_system
 from bilevel_jax.core.mdp import TabularMDP, check_shapes, expected_next
@@ -60,7 +59,11 @@ def policy_evaluation(mdp: TabularMDP, policy: Array, temperature=0.0, *,
     dtype = jnp.result_type(mdp.rewards.dtype, policy.dtype, float)
     policy = policy.astype(dtype)
     rewards = mdp.rewards.astype(dtype)
-    entropy_bonus = -jnp.asarray(temperature, dtype) * xlogy(policy, policy)
+    # p log p with a zero (and zero gradient) where p == 0: xlogy's gradient there is -inf, which
+    # turns into NaN once chained through a softmax that underflowed to 0 (float32).
+    positive = policy > 0
+    plogp = jnp.where(positive, policy * jnp.log(jnp.where(positive, policy, 1.0)), 0.0)
+    entropy_bonus = -jnp.asarray(temperature, dtype) * plogp
     reward_pi = jnp.sum(policy * rewards + entropy_bonus, axis=-1)
     v = solve_policy_system(mdp, policy, reward_pi, options=_options(linear_solver))
     gamma = jnp.asarray(mdp.discount, dtype)

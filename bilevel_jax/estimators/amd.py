@@ -21,13 +21,14 @@ from jax import lax
 from bilevel_jax.core.mdp import expected_next
 from bilevel_jax.core.soft_vi import soft_bellman_operator, soft_greedy_policy, soft_value
 from bilevel_jax.estimators import model
-from bilevel_jax.estimators.base import Estimator, register
+from bilevel_jax.estimators.base import Estimator, check_positive_ints, register
 from bilevel_jax.problem import map_contexts
 
 
 def amd(*, num_sweeps: int = 200) -> Estimator:
     """AMD with `num_sweeps` joint sweeps per call (default reaches ~1e-4 relative at gamma 0.9
     from a cold start; in a training loop a handful of warm-started sweeps per step is typical)."""
+    check_positive_ints(num_sweeps=num_sweeps)
 
     def init(problem, x):
         x_flat, _, follower_flat, _ = model.flat_problem_fns(problem, x)

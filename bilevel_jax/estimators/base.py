@@ -36,6 +36,16 @@ class Estimator(NamedTuple):
 _REGISTRY: dict[str, Callable[..., Estimator]] = {}
 
 
+def check_positive_ints(allow_none: tuple[str, ...] = (), **options) -> None:
+    """Raises `InvalidArgumentError` naming the first option that is not an int >= 1."""
+    for name, value in options.items():
+        if value is None and name in allow_none:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            expected = "an int >= 1" + (" or None" if name in allow_none else "")
+            raise InvalidArgumentError(f"{name}: expected {expected}, got {value!r}")
+
+
 def register(name: str, factory: Callable[..., Estimator]) -> Callable[..., Estimator]:
     """Makes `factory(**options) -> Estimator` available under `name`."""
     _REGISTRY[name] = factory

@@ -41,7 +41,7 @@ from bilevel_jax.core.rollout import sample_trajectories
 from bilevel_jax.core.soft_vi import soft_bellman_operator, soft_greedy_policy, soft_value
 from bilevel_jax.errors import InvalidArgumentError
 from bilevel_jax.estimators import model
-from bilevel_jax.estimators.base import Estimator, register
+from bilevel_jax.estimators.base import Estimator, check_positive_ints, register
 from bilevel_jax.estimators.oracles import dynamic_sweeps, make_oracle
 from bilevel_jax.problem import map_contexts
 
@@ -267,9 +267,12 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
         raise InvalidArgumentError(f"baseline: expected one of {BASELINES}, got {baseline!r}")
     if contexts not in ("sample", "all"):
         raise InvalidArgumentError(f"contexts: expected 'sample' or 'all', got {contexts!r}")
-    for name, value in (("num_envs", num_envs), ("num_steps", num_steps), ("max_level", max_level)):
-        if not isinstance(value, int) or value < 1:
-            raise InvalidArgumentError(f"{name}: expected an int >= 1, got {value!r}")
+    check_positive_ints(allow_none=("max_episode_steps", "horizon"), num_envs=num_envs,
+                        num_steps=num_steps, max_level=max_level, oracle_sweeps=oracle_sweeps,
+                        oracle_envs=oracle_envs, oracle_steps=oracle_steps,
+                        max_episode_steps=max_episode_steps, horizon=horizon)
+    if not learning_rate > 0:
+        raise InvalidArgumentError(f"learning_rate: expected a number > 0, got {learning_rate!r}")
     follower_oracle = make_oracle(oracle, oracle_sweeps=oracle_sweeps, oracle_envs=oracle_envs,
                                   oracle_steps=oracle_steps, learning_rate=learning_rate)
 
@@ -283,6 +286,11 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
         lam, gamma_bar = problem.temperature, problem.leader_discount
         rollout_horizon = horizon
         if unbiased and rollout_horizon is None:
+            if isinstance(gamma_bar, jax.core.Tracer):
+                raise InvalidArgumentError(
+                    "horizon: the default rollout length depends on problem.leader_discount, "
+                    "which is traced here (a jit argument or a swept value); pass horizon=... "
+                    "explicitly")
             rollout_horizon = max(1, math.ceil(math.log(1e-6) / math.log(float(gamma_bar))))
 
         def cotangents(mdp, q, rbar, k):

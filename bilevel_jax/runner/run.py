@@ -1,0 +1,510 @@
+"""Runs a resolved config: every grid point x seed, one compiled program per structural group.
+
+    result = run_experiment(load_config("configs/quickstart.yaml"))
+
+* The sweep's grid is split by its structural keys (estimator or algorithm names, integer
+  options, ...): each combination of their values is one group, compiled once. Inside a group the
+  runs (grid points x seeds) are one `vmap`, sharded over the local devices (`run_mesh`), and
+  the traced keys (learning rate, temperature, ...) are per-run scalars.
+* Iterations run in chunks of `chunk_size` (one `lax.scan` each). After every chunk the host
+  checks for NaN or inf, appends the metrics, writes the checkpoint atomically and advances the
+  progress bar. `resume=True` continues from the checkpoint; since the compiled programs, keys and
+  states are the same, the numbers equal those of an uninterrupted run.
+* At the end: `metrics.csv`, `summary.json`, `plots/*.png`, `config.yaml` in the run directory.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import numpy as np
+
+from bilevel_jax.runner import io as rio
+from bilevel_jax.runner.config import (
+    ConfigError,
+    config_hash,
+    dump_config,
+    format_point,
+    grid_points,
+    point_config,
+    split_sweep_keys,
+)
+from bilevel_jax.runner.fields import show_value
+from bilevel_jax.runner.plots import Curve, plot_metric
+from bilevel_jax.runner.problems import build_problem, problem_spec
+from bilevel_jax.runner.results import format_table, point_label, summarize, summary_rows
+
+RUN_FILES = ("config.yaml", "metrics.csv", "summary.json", rio.CHECKPOINT)
+
+
+@dataclass
+class RunResult:
+    directory: str
+    summary: dict
+    seconds: float
+    compile_seconds: float
+
+
+# --------------------------------------------------------------------------------------------
+# Building optimizers and algorithms from (partly traced) config values
+# --------------------------------------------------------------------------------------------
+
+def make_optimizer(section: dict, iterations: int, traced: dict | None = None):
+    """The optax optimizer of an `optimizer` section; `traced` overrides numeric fields."""
+    import optax
+
+    traced = traced or {}
+    value = {**section, **traced}
+    lr = value["learning_rate"]
+    warmup = section["warmup_steps"]
+    if section["schedule"] == "constant":
+        main = lr
+    else:
+        steps = section["decay_steps"] or max(iterations - warmup, 1)
+        if section["schedule"] == "linear":
+            main = optax.linear_schedule(lr, lr * value["end_fraction"], steps)
+        else:
+            main = optax.cosine_decay_schedule(lr, steps, alpha=value["end_fraction"])
+    if warmup:
+        after = main if callable(main) else optax.constant_schedule(main)
+        schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+    else:
+        schedule = main
+    if section["name"] == "sgd":
+        momentum = value["momentum"]
+        if "momentum" in traced or momentum > 0:
+            optimizer = optax.sgd(schedule, momentum=momentum, nesterov=section["nesterov"])
+        else:
+            optimizer = optax.sgd(schedule)
+    else:
+        optimizer = optax.adam(schedule, b1=value["b1"], b2=value["b2"], eps=section["eps"])
+    clip = value["clip_norm"]
+    if clip is not None:
+        optimizer = optax.chain(optax.clip_by_global_norm(clip), optimizer)
+    return optimizer
+
+
+def make_algorithm(config: dict, optimizer, traced: dict | None = None):
+    from bilevel_jax.algorithms import hypergradient_ascent, pbrl
+
+    section = {**config["algorithm"], **(traced or {})}
+    if section["name"] == "ascent":
+        name = config["estimator"]["name"]
+        return hypergradient_ascent(name, optimizer, track_objective=section["track_objective"],
+                                    **config["estimator"][name])
+    return pbrl(optimizer, penalty=section["penalty"], rho_0=section["rho_0"],
+                rho_max=section["rho_max"],
+                ramp_iters=section["ramp_iters"] or config["iterations"],
+                inner_sweeps=section["inner_sweeps"], track_objective=section["track_objective"])
+
+
+def make_build(config: dict, problem, traced_keys: list[str]):
+    """`build(hparams) -> (problem, algorithm)` for `batched_fns`; `hparams[key]` are traced."""
+    spec = problem_spec(config["problem"]["name"])
+
+    def build(hparams):
+        by_section: dict[str, dict] = {"problem": {}, "optimizer": {}, "algorithm": {}}
+        for key in traced_keys:
+            section, name = key.split(".", 1)
+            by_section[section][name] = hparams[key]
+        built = spec.apply_traced(problem, by_section["problem"])
+        optimizer = make_optimizer(config["optimizer"], config["iterations"],
+                                   by_section["optimizer"])
+        return built, make_algorithm(config, optimizer, by_section["algorithm"])
+
+    return build
+
+
+# --------------------------------------------------------------------------------------------
+# Groups: one compiled program per combination of structural values
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Group:
+    index: int
+    structural: dict                        # structural key -> value
+    points: list[int]                       # grid point indices
+    runs: list[tuple[int, int]]             # (point, seed)
+    template: dict                          # resolved config of the group's first point
+    hparam_keys: list[str]
+    hparams: dict = field(default_factory=dict)     # key -> np.ndarray [runs]
+    x0: Any = None                          # pytree with a leading run axis
+    seeds: np.ndarray | None = None
+    seconds: float = 0.0
+    iterations_timed: int = 0
+    state: Any = None
+    metrics: dict = field(default_factory=dict)     # name -> list of [runs, n] arrays
+    padded: int = 0
+    programs: dict = field(default_factory=dict)    # chunk length -> compiled chunk
+    problem: Any = None
+    hparams_device: Any = None
+
+
+def make_groups(config: dict) -> tuple[list[dict], list[Group], list[str], list[str]]:
+    points = grid_points(config) or [{}]
+    traced, structural = split_sweep_keys(config)
+    groups: dict[tuple, Group] = {}
+    for index, values in enumerate(points):
+        signature = tuple((k, repr(values[k])) for k in structural)
+        if signature not in groups:
+            groups[signature] = Group(
+                index=len(groups), structural={k: values[k] for k in structural}, points=[],
+                runs=[], template=point_config(config, values),
+                hparam_keys=[k for k in traced if k != "x0_noise"])
+        group = groups[signature]
+        group.points.append(index)
+        group.runs += [(index, seed) for seed in config["seeds"]]
+    return points, list(groups.values()), traced, structural
+
+
+def _float_dtype(config: dict):
+    return np.float64 if config["problem"].get("dtype") == "float64" else np.float32
+
+
+def _prepare_inputs(config: dict, points: list[dict], group: Group) -> None:
+    """Host-side per-run inputs: traced hyperparameters, perturbed x0, seeds."""
+    import jax
+
+    dtype = _float_dtype(config)
+    problem, x0 = build_problem(group.template["problem"])
+    group.problem = problem
+    for key in group.hparam_keys:
+        group.hparams[key] = np.asarray([points[p][key] for p, _ in group.runs], dtype)
+    noise = [points[p].get("x0_noise", config["x0_noise"]) for p, _ in group.runs]
+
+    def perturbed(leaf):
+        leaf = np.asarray(leaf)
+        out = []
+        for (p, seed), scale in zip(group.runs, noise):
+            if scale:
+                rng = np.random.default_rng([abs(int(seed)), 0 if seed >= 0 else 1, 17])
+                out.append(leaf + scale * rng.standard_normal(leaf.shape).astype(leaf.dtype))
+            else:
+                out.append(leaf)
+        return np.stack(out)
+
+    group.x0 = jax.tree_util.tree_map(perturbed, x0)
+    group.seeds = np.asarray([seed for _, seed in group.runs], np.int64)
+
+
+def _pad(array: np.ndarray, size: int) -> np.ndarray:
+    extra = size - array.shape[0]
+    if extra <= 0:
+        return array
+    return np.concatenate([array, np.repeat(array[-1:], extra, axis=0)], axis=0)
+
+
+def _is_key(leaf) -> bool:
+    import jax
+    return hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def _state_to_host(state, runs: int) -> list[np.ndarray]:
+    import jax
+    leaves = []
+    for leaf in jax.tree_util.tree_leaves(state):
+        data = jax.random.key_data(leaf) if _is_key(leaf) else leaf
+        leaves.append(np.asarray(data)[:runs])
+    return leaves
+
+
+def _state_from_host(leaves: list[np.ndarray], shapes, padded: int, mesh):
+    import jax
+    import jax.numpy as jnp
+
+    from bilevel_jax.algorithms import shard_runs
+
+    flat, treedef = jax.tree_util.tree_flatten(shapes)
+    if len(flat) != len(leaves):
+        raise ValueError("checkpoint: the saved state does not match this config's algorithm")
+    restored = []
+    for spec, saved in zip(flat, leaves):
+        saved = _pad(np.asarray(saved), padded)
+        if _is_key(spec):
+            restored.append(jax.random.wrap_key_data(jnp.asarray(saved)))
+        else:
+            if saved.shape != tuple(spec.shape) or saved.dtype != spec.dtype:
+                raise ValueError("checkpoint: the saved state does not match this config's "
+                                 f"algorithm (leaf {saved.shape} {saved.dtype}, expected "
+                                 f"{tuple(spec.shape)} {spec.dtype})")
+            restored.append(jnp.asarray(saved))
+    return shard_runs(jax.tree_util.tree_unflatten(treedef, restored), mesh)
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+def _describe(config: dict, points: list[dict], groups: list[Group], structural: list[str],
+              devices: int) -> str:
+    problem = config["problem"]
+    what = problem["name"]
+    if problem["name"] == "random":
+        what = (f"random problem ({problem['num_states']} states, {problem['num_actions']} "
+                f"actions, dim_x {problem['dim_x']}, {problem['num_contexts']} contexts)")
+    n_seeds = len(config["seeds"])
+    programs = f"{len(groups)} compiled program{'s' if len(groups) > 1 else ''}"
+    if structural:
+        programs += f" (one per {', '.join(structural)})"
+    return (f"{config['name']}: {what}\n"
+            f"  {len(points)} grid point{'s' if len(points) > 1 else ''} x {n_seeds} "
+            f"seed{'s' if n_seeds > 1 else ''} = {len(points) * n_seeds} runs, "
+            f"{config['iterations']} iterations, {programs}, {devices} "
+            f"device{'s' if devices > 1 else ''}")
+
+
+def _first_nonfinite(groups: list[Group], chunk_metrics: list[dict], offset: int):
+    """`(iteration, group, run index)` of the earliest NaN/inf in this chunk, or None."""
+    best = None
+    for group, metrics in zip(groups, chunk_metrics):
+        bad = np.asarray(metrics["nonfinite"]).astype(bool)
+        if not bad.any():
+            continue
+        runs, its = np.nonzero(bad)
+        order = np.lexsort((runs, its))
+        it, run = int(its[order[0]]), int(runs[order[0]])
+        if best is None or offset + it < best[0]:
+            best = (offset + it, group, run)
+    return best
+
+
+def clear_run_files(directory: str) -> bool:
+    """Removes a previous run's files from `directory`; True if there were any."""
+    found = False
+    for name in RUN_FILES:
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            os.unlink(path)
+            found = True
+    plots = os.path.join(directory, "plots")
+    if os.path.isdir(plots):
+        for name in os.listdir(plots):
+            if name.endswith(".png"):
+                os.unlink(os.path.join(plots, name))
+                found = True
+    return found
+
+
+def check_resume(config: dict) -> dict | None:
+    """The checkpoint to resume from (None: none there); `ConfigError` if it is another config's."""
+    directory = config["output"]["dir"]
+    try:
+        checkpoint = rio.load_checkpoint(directory)
+    except (ValueError, OSError, EOFError, ImportError, AttributeError) as err:
+        raise ConfigError(f"--resume: cannot read the checkpoint in {directory} ({err})") from None
+    if checkpoint is None:
+        return None
+    if checkpoint["config_hash"] != config_hash(config):
+        raise ConfigError(
+            f"--resume: the checkpoint in {directory} was written by a different config "
+            f"(hash {checkpoint['config_hash']}, this config {config_hash(config)}); run without "
+            f"--resume to start over, or --out another directory")
+    if checkpoint["done"] > config["iterations"]:
+        raise ConfigError(f"--resume: the checkpoint has {checkpoint['done']} iterations, more "
+                          f"than iterations ({config['iterations']})")
+    return checkpoint
+
+
+def run_experiment(config: dict, *, resume: bool = False, checkpoint: dict | None = None,
+                   progress: bool = True, stream: TextIO | None = None) -> RunResult:
+    """Runs every grid point x seed of a resolved config and writes the run directory.
+
+    Raises:
+      ConfigError: `resume` with a checkpoint of another config (nothing is written).
+      NonFiniteError: NaN or inf in `x` or a gradient; names the iteration, grid point and seed;
+        the last good checkpoint is kept.
+    """
+    stream = sys.stdout if stream is None else stream
+    start = time.perf_counter()
+    directory = config["output"]["dir"]
+    if resume and checkpoint is None:
+        checkpoint = check_resume(config)
+
+    if config["problem"].get("dtype") == "float64":
+        import jax
+        jax.config.update("jax_enable_x64", True)
+
+    import jax
+    import jax.numpy as jnp
+    from tqdm.auto import tqdm
+
+    from bilevel_jax.algorithms import NonFiniteError, batched_fns, padded_size, run_mesh, shard_runs
+
+    points, groups, traced, structural = make_groups(config)
+    devices = len(jax.local_devices())
+    mesh = run_mesh() if devices > 1 else None
+    print(_describe(config, points, groups, structural, devices), file=stream)
+
+    os.makedirs(directory, exist_ok=True)
+    rio.remove_stale_temp_files(directory)
+    if checkpoint is None:
+        if clear_run_files(directory):
+            print(f"  replacing the previous run in {directory}", file=stream)
+        elif resume:
+            print(f"  no checkpoint in {directory}: starting from iteration 0", file=stream)
+    rio.atomic_write_text(os.path.join(directory, "config.yaml"), dump_config(config))
+
+    chunk_size = min(config["chunk_size"], config["iterations"])
+    iterations = config["iterations"]
+    remainder = iterations % chunk_size
+    done = checkpoint["done"] if checkpoint is not None else 0
+
+    # Build and compile every group's programs before the progress bar starts.
+    compile_start = time.perf_counter()
+    for group in groups:
+        label = format_point(group.structural) if group.structural else "the program"
+        if done < iterations:
+            print(f"  compiling {label} ...", end="", flush=True, file=stream)
+        tick = time.perf_counter()
+        _prepare_inputs(config, points, group)
+        runs = len(group.runs)
+        group.padded = padded_size(runs, mesh)
+        build = make_build(group.template, group.problem, group.hparam_keys)
+        init_fn, chunk_fn = batched_fns(build, chunk_size)
+        hparams = shard_runs({k: jnp.asarray(_pad(v, group.padded))
+                              for k, v in group.hparams.items()}, mesh)
+        x0 = shard_runs(jax.tree_util.tree_map(lambda a: jnp.asarray(_pad(a, group.padded)),
+                                               group.x0), mesh)
+        keys = shard_runs(jax.vmap(jax.random.key)(jnp.asarray(_pad(group.seeds, group.padded))),
+                          mesh)
+        group.hparams_device = hparams
+        if checkpoint is None:
+            # The run axis of every leaf is sharded (XLA may leave state it built from
+            # constants replicated), so each compiled chunk sees the same input shardings.
+            group.state = shard_runs(init_fn(hparams, x0, keys), mesh)
+        else:
+            saved = checkpoint["groups"][group.index]
+            shapes = jax.eval_shape(init_fn, hparams, x0, keys)
+            group.state = _state_from_host(saved["state"], shapes, group.padded, mesh)
+            group.metrics = {k: [v] for k, v in saved["metrics"].items()}
+        if done < iterations:
+            group.programs[chunk_size] = chunk_fn.lower(hparams, group.state).compile()
+            if remainder:
+                _, tail = batched_fns(build, remainder)
+                group.programs[remainder] = tail.lower(hparams, group.state).compile()
+        if done < iterations:
+            print(f" {time.perf_counter() - tick:.1f} s", file=stream, flush=True)
+    if done >= iterations:
+        print(f"  the checkpoint holds all {iterations} iterations: writing the results",
+              file=stream)
+    compile_seconds = time.perf_counter() - compile_start
+
+    def save(done_now: int) -> None:
+        payload = {"config_hash": config_hash(config), "done": done_now, "groups": [
+            {"state": _state_to_host(g.state, len(g.runs)),
+             "metrics": {k: np.concatenate(v, axis=1) if v else v for k, v in g.metrics.items()}}
+            for g in groups]}
+        rio.save_checkpoint(directory, payload)
+
+    if checkpoint is None:
+        save(0)
+    bar = tqdm(total=iterations, initial=done, unit="it", desc=config["name"], file=sys.stderr,
+               dynamic_ncols=True, disable=not progress, smoothing=0.1, mininterval=0.25)
+    try:
+        while done < iterations:
+            size = min(chunk_size, iterations - done)
+            new_states, chunk_metrics = [], []
+            for group in groups:
+                tick = time.perf_counter()
+                state, metrics = group.programs[size](group.hparams_device, group.state)
+                state = shard_runs(state, mesh)
+                metrics = {k: np.asarray(v)[:len(group.runs)] for k, v in metrics.items()}
+                jax.block_until_ready(state)
+                group.seconds += time.perf_counter() - tick
+                group.iterations_timed += size
+                new_states.append(state)
+                chunk_metrics.append(metrics)
+            bad = _first_nonfinite(groups, chunk_metrics, done)
+            if bad is not None:
+                bar.close()
+                iteration, group, run = bad
+                point, seed = group.runs[run]
+                where = format_point(points[point]) if points[point] else "(the only grid point)"
+                raise NonFiniteError(
+                    f"NaN or inf in x or the gradient at iteration {iteration}, grid point "
+                    f"{where}, seed {seed}. The last good checkpoint (after {done} "
+                    f"iterations) is kept in {os.path.join(directory, rio.CHECKPOINT)}")
+            for group, state, metrics in zip(groups, new_states, chunk_metrics):
+                group.state = state
+                for name, values in metrics.items():
+                    group.metrics.setdefault(name, []).append(values)
+            done += size
+            save(done)
+            bar.update(size)
+    finally:
+        bar.close()
+
+    summary = write_results(config, points, groups, directory)
+    seconds = time.perf_counter() - start
+    ms = {p: 1000 * g.seconds / g.iterations_timed for g in groups for p in g.points
+          if g.iterations_timed}
+    header, rows = summary_rows(summary, ms_per_iter=ms if ms else None)
+    print("", file=stream)
+    print(format_table(header, rows), file=stream)
+    print(f"\n{summary['statistic']}.", file=stream)
+    if ms:
+        print("ms/it: wall time per iteration of the compiled program running the row's group "
+              "of runs (all its grid points x seeds at once).", file=stream)
+    print(f"Run directory: {directory} (config.yaml, metrics.csv, summary.json, plots/, "
+          f"{rio.CHECKPOINT}); {seconds:.1f} s in all, {compile_seconds:.1f} s compiling.",
+          file=stream)
+    return RunResult(directory, summary, seconds, compile_seconds)
+
+
+def write_results(config: dict, points: list[dict], groups: list[Group], directory: str) -> dict:
+    """metrics.csv, summary.json, plots/*.png (all atomic) from the groups' metrics."""
+    seeds = config["seeds"]
+    iterations = config["iterations"]
+    sweep_keys = list(config["sweep"])
+    from bilevel_jax.algorithms import METRICS
+
+    names: list[str] = [m for m in METRICS if m != "nonfinite"]
+    for group in groups:
+        names += [m for m in group.metrics if m not in names and m != "nonfinite"]
+    # curves[point][metric] -> [seeds, iterations]
+    curves = {p: {m: np.full((len(seeds), iterations), np.nan, np.float64) for m in names}
+              for p in range(len(points))}
+    dtypes = {}
+    for group in groups:
+        merged = {k: np.concatenate(v, axis=1) for k, v in group.metrics.items()}
+        for row, (point, seed) in enumerate(group.runs):
+            s = seeds.index(seed)
+            for metric in names:
+                if metric in merged:
+                    curves[point][metric][s] = merged[metric][row]
+                    dtypes[metric] = merged[metric].dtype
+    names = [m for m in names if m in dtypes]
+
+    header = ["run", "point", *sweep_keys, "seed", "iteration", *names]
+    iteration_text = [str(i) for i in range(iterations)]
+
+    def rows():
+        for point, values in enumerate(points):
+            ids = [show_value(values[k]) for k in sweep_keys]
+            for s, seed in enumerate(seeds):
+                run = point * len(seeds) + s
+                columns = [rio.format_column(curves[point][m][s].astype(dtypes[m])) for m in names]
+                prefix = [str(run), str(point), *ids, str(seed)]
+                for i in range(iterations):
+                    yield prefix + [iteration_text[i]] + [c[i] for c in columns]
+
+    rio.atomic_write_csv(os.path.join(directory, "metrics.csv"), header, rows())
+    summary = summarize(name=config["name"], config_hash=config_hash(config),
+                        iterations=iterations, seeds=list(seeds), sweep_keys=sweep_keys,
+                        points=points, metric_names=names, curves=curves,
+                        final_fraction=config["output"]["final_fraction"])
+    rio.atomic_write_json(os.path.join(directory, "summary.json"), summary)
+    if config["output"]["plots"]:
+        legend = sweep_keys[0] if len(sweep_keys) == 1 else None
+        for metric in names:
+            plot_metric(os.path.join(directory, "plots", f"{metric}.png"), metric,
+                        [Curve(point_label(values, sweep_keys) if sweep_keys else config["name"],
+                               curves[p][metric]) for p, values in enumerate(points)],
+                        title=f"{config['name']}: {metric} (mean ± SE over {len(seeds)} "
+                              f"seed{'s' if len(seeds) > 1 else ''})",
+                        legend_title=legend)
+    return summary
