@@ -6,8 +6,9 @@ A builder takes the resolved `problem` section (a dict with every field, default
 returns `(problem, x0)`: a `BilevelProblem` and the leader's starting parameters. It runs on the
 host, once per compiled program. Fields marked `traced=True` may be swept inside one compiled
 program: the runner passes their per-run values as traced scalars to `apply_traced(problem,
-values)` (default: `problem.replace(**values)`, right for the `BilevelProblem` leaves
-`temperature` and `leader_discount`). Every other field is structural: a sweep over it compiles
+values, section)` (default: `problem.replace(**values)`, right for the `BilevelProblem` leaves
+`temperature` and `leader_discount`; a problem whose traced fields live in closures rebuilds
+itself from `section`). Every other field is structural: a sweep over it compiles
 one program per value.
 """
 
@@ -19,7 +20,8 @@ from typing import Any, Callable
 from bilevel_jax.runner.fields import ConfigError, Field
 
 
-def _replace(problem, values: dict):
+def _replace(problem, values: dict, section: dict):
+    del section
     return problem.replace(**values) if values else problem
 
 
@@ -29,7 +31,7 @@ class ProblemSpec:
     builder: Callable[[dict], tuple[Any, Any]]
     fields: dict[str, Field]
     check: Callable[[dict], None] | None = None
-    apply_traced: Callable[[Any, dict], Any] = _replace
+    apply_traced: Callable[[Any, dict, dict], Any] = _replace
     doc: str = ""
 
 
@@ -38,7 +40,7 @@ _PROBLEMS: dict[str, ProblemSpec] = {}
 
 def register_problem(name: str, builder: Callable[[dict], tuple[Any, Any]], *,
                      fields: dict[str, Field], check: Callable[[dict], None] | None = None,
-                     apply_traced: Callable[[Any, dict], Any] = _replace, doc: str = "") -> None:
+                     apply_traced: Callable[[Any, dict, dict], Any] = _replace, doc: str = "") -> None:
     """Makes `problem.name: NAME` available in configs.
 
     Args:
@@ -46,7 +48,8 @@ def register_problem(name: str, builder: Callable[[dict], tuple[Any, Any]], *,
       fields: the section's keys (besides `name`), each a typed `Field` with its default.
       check: `section -> None`, raising `ConfigError` naming `problem.KEY` for combinations of
         values that are refused (runs before anything is built).
-      apply_traced: `(problem, {field: traced scalar}) -> problem` for the `traced` fields.
+      apply_traced: `(problem, {field: traced scalar}, section) -> problem` for the `traced`
+        fields.
     """
     if "name" in fields:
         raise ValueError("fields: 'name' is reserved for the problem's name")
@@ -117,3 +120,52 @@ def build_random(section: dict):
 
 register_problem("random", build_random, fields=RANDOM_FIELDS, check=check_random,
                  doc="Garnet-style random bilevel problem (follower rewards linear in x)")
+
+
+# --------------------------------------------------------------------------------------------
+# four_rooms: the CB-RL reward-shaping benchmark (SPEC 7.1, bilevel_jax.envs.four_rooms)
+# --------------------------------------------------------------------------------------------
+
+FOUR_ROOMS_FIELDS = {
+    "beta": Field("float", 1.0, low=0, traced=True, doc="weight of the incentive cost at the goal"),
+    "temperature": Field("float", 0.001, low=0, low_open=True, traced=True,
+                         doc="follower entropy temperature lam"),
+    "leader_discount": Field("float", 0.99, low=0, high=1, high_open=True, traced=True,
+                             doc="leader discount"),
+    "discount": Field("float", 0.99, low=0, high=1, high_open=True, doc="follower discount"),
+    "slip_prob": Field("float", 0.44, low=0, high=1,
+                       doc="probability that a move slips to one of the other three"),
+    "sparse": Field("bool", True, doc="SparseTransitions kernel (branching 4) or dense"),
+}
+
+
+def _four_rooms(section: dict, beta, temperature, leader_discount):
+    from bilevel_jax.envs.four_rooms import four_rooms_problem
+
+    problem, _ = four_rooms_problem(beta=beta, temperature=temperature,
+                                    leader_discount=leader_discount,
+                                    discount=section["discount"],
+                                    slip_prob=section["slip_prob"], sparse=section["sparse"])
+    return problem
+
+
+def build_four_rooms(section: dict):
+    import jax.numpy as jnp
+
+    problem = _four_rooms(section, section["beta"], section["temperature"],
+                          section["leader_discount"])
+    # x0 = 0; the paper's N(0, 0.01^2) initialization is the config's x0_noise: 0.01.
+    return problem, jnp.zeros(105, jnp.float32)
+
+
+def apply_four_rooms(problem, values: dict, section: dict):
+    # beta lives inside the reward closures, so traced values rebuild the problem.
+    if not values:
+        return problem
+    merged = dict(section, **values)
+    return _four_rooms(section, merged["beta"], merged["temperature"], merged["leader_discount"])
+
+
+register_problem("four_rooms", build_four_rooms, fields=FOUR_ROOMS_FIELDS,
+                 apply_traced=apply_four_rooms,
+                 doc="Four-Rooms reward shaping of the CB-RL paper (SPEC 7.1), x in R^105")

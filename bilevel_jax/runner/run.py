@@ -111,7 +111,8 @@ def make_build(config: dict, problem, traced_keys: list[str]):
         for key in traced_keys:
             section, name = key.split(".", 1)
             by_section[section][name] = hparams[key]
-        built = spec.apply_traced(problem, by_section["problem"])
+        section = {k: v for k, v in config["problem"].items() if k != "name"}
+        built = spec.apply_traced(problem, by_section["problem"], section)
         optimizer = make_optimizer(config["optimizer"], config["iterations"],
                                    by_section["optimizer"])
         return built, make_algorithm(config, optimizer, by_section["algorithm"])
