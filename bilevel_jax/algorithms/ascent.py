@@ -8,22 +8,26 @@ import optax
 
 from bilevel_jax.algorithms.base import Algorithm, any_nonfinite, global_norm
 from bilevel_jax.estimators.base import Estimator, make_estimator
-from bilevel_jax.problem import leader_objective
+from bilevel_jax.estimators.exact import objective_and_q, zero_q
 
 
 def hypergradient_ascent(estimator: Estimator | str, optimizer: optax.GradientTransformation, *,
                          track_objective: bool = True, **estimator_options) -> Algorithm:
     """Ascent on `F` with `estimator`'s gradients.
 
-    `objective` is the exact `F(x)` at the iterate the gradient was taken at (one extra model
-    solve per iteration) when `track_objective`; otherwise the estimator's own `info["objective"]`
-    if it has one, else NaN.
+    `objective` is the exact `F(x)` at the iterate the gradient was taken at when
+    `track_objective` (one extra follower solve per iteration, to tolerance, warm-started from the
+    previous iteration's solution); otherwise the estimator's own `info["objective"]` if it has
+    one, else NaN.
     """
     estimator = make_estimator(estimator, **estimator_options)
 
     def init(problem, x0, key):
-        return {"x": x0, "opt": optimizer.init(x0), "estimator": estimator.init(problem, x0),
-                "key": key, "step": jnp.zeros((), jnp.int32)}
+        state = {"x": x0, "opt": optimizer.init(x0), "estimator": estimator.init(problem, x0),
+                 "key": key, "step": jnp.zeros((), jnp.int32)}
+        if track_objective:
+            state["objective_q"] = zero_q(problem, x0)
+        return state
 
     def step(problem, state):
         key, sub = jax.random.split(state["key"])
@@ -32,8 +36,11 @@ def hypergradient_ascent(estimator: Estimator | str, optimizer: optax.GradientTr
         updates, opt_state = optimizer.update(jax.tree_util.tree_map(jnp.negative, grad),
                                               state["opt"], x)
         new_x = optax.apply_updates(x, updates)
+        new_state = {"x": new_x, "opt": opt_state, "estimator": est_state, "key": key,
+                     "step": state["step"] + 1}
         if track_objective:
-            objective = leader_objective(problem, x)
+            objective, (q, _, _) = objective_and_q(problem, x, state["objective_q"], {})
+            new_state["objective_q"] = jax.lax.stop_gradient(q)
         else:
             objective = info.get("objective", jnp.nan)
         metrics = {"objective": jnp.asarray(objective, jnp.float32),
@@ -41,8 +48,6 @@ def hypergradient_ascent(estimator: Estimator | str, optimizer: optax.GradientTr
                    "follower_residual": jnp.asarray(info.get("follower_residual", 0.0), jnp.float32),
                    "samples": jnp.asarray(info.get("samples", 0), jnp.float32),
                    "nonfinite": any_nonfinite(grad, new_x)}
-        new_state = {"x": new_x, "opt": opt_state, "estimator": est_state, "key": key,
-                     "step": state["step"] + 1}
         return new_state, metrics
 
     return Algorithm(init, step)

@@ -16,7 +16,7 @@ from bilevel_jax.estimators.base import Estimator, register
 from bilevel_jax.problem import map_contexts
 
 
-def _objective_and_q(problem, x, init_q, solver_options):
+def objective_and_q(problem, x, init_q, solver_options):
     """`F(x)` from per-context solves (warm-started at `init_q [K, S, A]`), with aux."""
 
     def per_context(context, q0):
@@ -33,7 +33,7 @@ def _objective_and_q(problem, x, init_q, solver_options):
     return jnp.dot(problem.probs().astype(values.dtype), values), aux
 
 
-def _zero_q(problem, x):
+def zero_q(problem, x):
     def shape_of(context):
         return problem.follower(x, context).rewards
     rewards = jax.eval_shape(lambda: map_contexts(shape_of, problem))
@@ -42,13 +42,13 @@ def _zero_q(problem, x):
 
 def _gradient_estimator(solver_options, warm_start):
     def init(problem, x):
-        return {"q": _zero_q(problem, x)}
+        return {"q": zero_q(problem, x)}
 
     def update(problem, x, state, key=None):
         del key
         init_q = jax.lax.stop_gradient(state["q"]) if warm_start else jnp.zeros_like(state["q"])
         (value, (q, residual, sweeps)), grad = jax.value_and_grad(
-            lambda x: _objective_and_q(problem, x, init_q, solver_options), has_aux=True)(x)
+            lambda x: objective_and_q(problem, x, init_q, solver_options), has_aux=True)(x)
         info = {"objective": value, "follower_residual": jnp.max(residual),
                 "sweeps": jnp.sum(sweeps), "samples": jnp.zeros((), jnp.int32)}
         return grad, {"q": jax.lax.stop_gradient(q)}, info

@@ -42,8 +42,8 @@ from bilevel_jax.core.soft_vi import soft_bellman_operator, soft_greedy_policy, 
 from bilevel_jax.errors import InvalidArgumentError
 from bilevel_jax.estimators import model
 from bilevel_jax.estimators.base import Estimator, check_positive_ints, register
+from bilevel_jax.estimators.exact import zero_q
 from bilevel_jax.estimators.oracles import dynamic_sweeps, make_oracle
-from bilevel_jax.problem import map_contexts
 
 BASELINES = ("advantage", "none")
 
@@ -277,9 +277,7 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
                                   oracle_steps=oracle_steps, learning_rate=learning_rate)
 
     def init(problem, x):
-        def zero_q(context):
-            return jnp.zeros_like(problem.follower(x, context).rewards)
-        return {"q": map_contexts(zero_q, problem)}
+        return {"q": zero_q(problem, x)}
 
     def update(problem, x, state, key):
         x_flat, unravel, follower_flat, leader_flat = model.flat_problem_fns(problem, x)

@@ -16,8 +16,7 @@ from bilevel_jax.core.rollout import sample_trajectories
 from bilevel_jax.core.soft_vi import soft_value_iteration
 from bilevel_jax.errors import InvalidArgumentError
 from bilevel_jax.estimators.base import Estimator, register
-from bilevel_jax.estimators.exact import _objective_and_q
-from bilevel_jax.problem import map_contexts
+from bilevel_jax.estimators.exact import objective_and_q, zero_q
 
 
 def _rollout_objective(problem, x, key, num_envs, num_steps):
@@ -51,9 +50,7 @@ def zero_order(*, smoothing: float = 0.1, num_directions: int = 1, decay: bool =
             f"smoothing / num_directions: expected > 0 and >= 1, got {smoothing}, {num_directions}")
 
     def init(problem, x):
-        def zero_q(context):
-            return jnp.zeros_like(problem.follower(x, context).rewards)
-        return {"step": jnp.zeros((), jnp.int32), "q": map_contexts(zero_q, problem)}
+        return {"step": jnp.zeros((), jnp.int32), "q": zero_q(problem, x)}
 
     def update(problem, x, state, key):
         x_flat, unravel = ravel_pytree(x)
@@ -64,7 +61,7 @@ def zero_order(*, smoothing: float = 0.1, num_directions: int = 1, decay: bool =
 
         if values == "model":
             def objective(xf):
-                value, (q, _, _) = _objective_and_q(problem, unravel(xf), state["q"], {})
+                value, (q, _, _) = objective_and_q(problem, unravel(xf), state["q"], {})
                 return value, q
         else:
             def objective(xf):
