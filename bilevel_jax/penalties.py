@@ -26,7 +26,7 @@ from bilevel_jax.core.evaluation import policy_evaluation, visitation
 from bilevel_jax.core.mdp import TabularMDP
 from bilevel_jax.core.soft_vi import soft_value_iteration
 from bilevel_jax.errors import InvalidArgumentError
-from bilevel_jax.problem import BilevelProblem, check_problem
+from bilevel_jax.problem import BilevelProblem, check_problem, map_contexts
 
 Array = jax.Array
 
@@ -78,14 +78,6 @@ def _context_weights(problem: BilevelProblem, weights) -> Array:
             f"weights: expected shape [K] = [{problem.num_contexts}] (one weight per context), "
             f"got {shape}")
     return jnp.asarray(weights)
-
-
-def _map_contexts(fn, problem: BilevelProblem, *tables):
-    """`[K]` values of `fn(context, *tables[k])`, vmapped (tables: leading axis K, or None)."""
-    if problem.contexts is None:
-        args = [None if t is None else t[0] for t in tables]
-        return fn(None, *args)[None]
-    return jax.vmap(fn)(problem.contexts, *tables)
 
 
 def _weighted_sum(problem: BilevelProblem, weights, values: Array) -> Array:
@@ -172,7 +164,7 @@ def value_penalty(problem: BilevelProblem, x, y: Array, *, weights: Array | None
         return context_value_penalty(mdp, logits, problem.temperature, init_q=q0,
                                      linear_solver=linear_solver, **solver_options)
 
-    return _weighted_sum(problem, weights, _map_contexts(one, problem, y, init_q))
+    return _weighted_sum(problem, weights, map_contexts(one, problem, y, init_q))
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,7 +235,7 @@ def bellman_penalty(problem: BilevelProblem, x, y: Array, *, weighting: str = "i
         return context_bellman_penalty(mdp, logits, problem.temperature, weighting=weighting,
                                        linear_solver=linear_solver)
 
-    return _weighted_sum(problem, weights, _map_contexts(one, problem, y))
+    return _weighted_sum(problem, weights, map_contexts(one, problem, y))
 
 
 __all__ = [

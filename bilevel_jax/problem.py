@@ -166,11 +166,16 @@ def context_objective(problem: BilevelProblem, x, context, **solver_options) -> 
     return jnp.dot(mdp.initial, leader.v)
 
 
-def map_contexts(fn: Callable[[Any], Any], problem: BilevelProblem):
-    """`vmap` of `fn(context)` over the problem's contexts (leading axis K)."""
+def map_contexts(fn: Callable[..., Any], problem: BilevelProblem, *tables):
+    """`vmap` of `fn(context, *tables_k)` over the problem's `K` contexts.
+
+    Each table is a pytree whose leaves have a leading axis `K` (or None). A context-free
+    problem calls `fn(None, *tables_0)` once and returns its outputs with a leading axis of 1.
+    """
     if problem.contexts is None:
-        return jax.tree_util.tree_map(lambda leaf: leaf[None], fn(None))
-    return jax.vmap(fn)(problem.contexts)
+        args = [None if t is None else jax.tree_util.tree_map(lambda a: a[0], t) for t in tables]
+        return jax.tree_util.tree_map(lambda leaf: leaf[None], fn(None, *args))
+    return jax.vmap(fn)(problem.contexts, *tables)
 
 
 def leader_objective(problem: BilevelProblem, x, **solver_options) -> Array:

@@ -32,10 +32,7 @@ def policy_objective(problem, x, y):
                                    jax.nn.softmax(logits, axis=-1))
         return jnp.dot(mdp.initial, leader.v)
 
-    if problem.contexts is None:
-        values = one(None, y[0])[None]
-    else:
-        values = jax.vmap(one)(problem.contexts, y)
+    values = map_contexts(one, problem, y)
     return jnp.dot(problem.probs().astype(values.dtype), values)
 
 
@@ -58,7 +55,7 @@ def pbrl(optimizer: optax.GradientTransformation, *, penalty: str = "value", rho
         def one(context, q):
             mdp = problem.follower(x, context)
             return soft_value_iteration(mdp, problem.temperature, init_q=q, num_sweeps=num_sweeps).q
-        return jax.lax.stop_gradient(map_contexts_with(one, problem, q0))
+        return jax.lax.stop_gradient(map_contexts(one, problem, q0))
 
     def init(problem, x0, key):
         q = map_contexts(lambda c: soft_value_iteration(problem.follower(x0, c),
@@ -84,7 +81,7 @@ def pbrl(optimizer: optax.GradientTransformation, *, penalty: str = "value", rho
         (scaled, (f, p)), grads = jax.value_and_grad(penalized, has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, state["opt"], params)
         new = optax.apply_updates(params, updates)
-        residual = jnp.max(jnp.abs(map_contexts_with(
+        residual = jnp.max(jnp.abs(map_contexts(
             lambda c, qc: soft_bellman_operator(qc, problem.follower(state["x"], c),
                                                 problem.temperature) - qc, problem, q)))
         objective = leader_objective(problem, state["x"]) if track_objective else f
@@ -101,10 +98,3 @@ def pbrl(optimizer: optax.GradientTransformation, *, penalty: str = "value", rho
         return new_state, metrics
 
     return Algorithm(init, step)
-
-
-def map_contexts_with(fn, problem, tables):
-    """`vmap` of `fn(context, table)` over contexts and a `[K, ...]` table."""
-    if problem.contexts is None:
-        return fn(None, tables[0])[None]
-    return jax.vmap(fn)(problem.contexts, tables)

@@ -85,11 +85,7 @@ def amd(*, num_sweeps: int = 200) -> Estimator:
                     + model.jac_initial_dot(follower_flat, x_flat, context, v_bar))
             return grad, tables, residuals[-1], jnp.dot(mdp.initial, v_bar)
 
-        if problem.contexts is None:
-            out = per_context(None, jax.tree_util.tree_map(lambda a: a[0], state))
-            grads, tables, residual, values = jax.tree_util.tree_map(lambda a: a[None], out)
-        else:
-            grads, tables, residual, values = jax.vmap(per_context)(problem.contexts, state)
+        grads, tables, residual, values = map_contexts(per_context, problem, state)
         probs = problem.probs().astype(grads.dtype)
         info = {"objective": jnp.dot(probs, values), "follower_residual": jnp.max(residual),
                 "sweeps": jnp.asarray(num_sweeps * problem.num_contexts),

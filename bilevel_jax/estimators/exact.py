@@ -25,11 +25,7 @@ def objective_and_q(problem, x, init_q, solver_options):
         leader = policy_evaluation(problem.leader_mdp(x, context, mdp), sol.policy)
         return jnp.dot(mdp.initial, leader.v), (sol.q, sol.residual, sol.num_iters)
 
-    if problem.contexts is None:
-        value, aux = per_context(None, init_q[0])
-        values, aux = value[None], jax.tree_util.tree_map(lambda a: a[None], aux)
-    else:
-        values, aux = jax.vmap(per_context)(problem.contexts, init_q)
+    values, aux = map_contexts(per_context, problem, init_q)
     return jnp.dot(problem.probs().astype(values.dtype), values), aux
 
 

@@ -43,6 +43,7 @@ from bilevel_jax.errors import InvalidArgumentError
 from bilevel_jax.estimators import model
 from bilevel_jax.estimators.base import Estimator, check_positive_ints, register
 from bilevel_jax.estimators.exact import zero_q
+from bilevel_jax.problem import map_contexts
 from bilevel_jax.estimators.oracles import dynamic_sweeps, make_oracle
 
 BASELINES = ("advantage", "none")
@@ -354,8 +355,8 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
             samples = per_estimate + oracle_samples
         else:
             keys = jax.random.split(key, problem.num_contexts)
-            grads, variances, new_q, residuals, sweeps, oracle_samples = jax.vmap(per_context)(
-                problem.contexts, state["q"], keys)
+            grads, variances, new_q, residuals, sweeps, oracle_samples = map_contexts(
+                per_context, problem, state["q"], keys)
             probs = problem.probs().astype(grads.dtype)
             grad, variance = probs @ grads, (probs ** 2) @ variances
             residual, sweeps = jnp.max(residuals), jnp.sum(sweeps)
