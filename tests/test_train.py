@@ -156,3 +156,16 @@ def test_pbrl_gradients_stay_finite_when_float32_softmax_underflows():
     assert float(jnp.min(jax.nn.softmax(y, -1))) == 0.0
     g = jax.grad(lambda y: bj.value_penalty(pb, x, y) + policy_objective(pb, x, y))(y)
     assert bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_batched_direct_solve_avoids_lapack_batching_and_matches_it():
+    # jaxlib's batched CPU LU deadlocked vmapped PBRL runs; batched solves use plain XLA ops.
+    from bilevel_jax.core.linear import dense_solve
+    rng = np.random.default_rng(0)
+    systems = np.eye(30)[None] - 0.99 * rng.dirichlet(np.ones(30), size=(5, 30))
+    rhs = rng.normal(size=(5, 30))
+    batched = jax.jit(jax.vmap(dense_solve))
+    assert "lapack" not in batched.lower(systems, rhs).as_text().lower()
+    expected = np.linalg.solve(systems, rhs[..., None])[..., 0]
+    np.testing.assert_allclose(np.asarray(batched(systems, rhs)), expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(dense_solve(systems[0], rhs[0])), expected[0], rtol=1e-10)

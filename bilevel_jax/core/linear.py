@@ -51,6 +51,50 @@ def resolve_method(method: str, num_states: int) -> str:
     return method
 
 
+def _eliminate(system: Array, rhs: Array) -> Array:
+    """Gaussian elimination without pivoting, in plain XLA ops.
+
+    Stable for `I - gamma P_pi` (strictly diagonally dominant by rows, its transpose by
+    columns, since `gamma < 1`), so no pivot search is needed.
+    """
+    size = system.shape[-1]
+    rows = jnp.arange(size)
+
+    def forward(k, carry):
+        a, b = carry
+        factors = jnp.where(rows > k, a[:, k] / a[k, k], 0.0)
+        return a - factors[:, None] * a[k][None, :], b - factors * b[k]
+
+    upper, y = lax.fori_loop(0, size, forward, (system, rhs))
+
+    def backward(i, x):
+        k = size - 1 - i
+        return x.at[k].set((y[k] - jnp.dot(jnp.where(rows > k, upper[k], 0.0), x)) / upper[k, k])
+
+    return lax.fori_loop(0, size, backward, jnp.zeros_like(rhs))
+
+
+@jax.custom_batching.custom_vmap
+def dense_solve(system: Array, rhs: Array) -> Array:
+    """`system^{-1} rhs` by LAPACK; batched (under `vmap`) by `_eliminate`.
+
+    jaxlib's batched CPU LU (`ParallelBatchMap` over a thread pool) deadlocks when it runs inside
+    XLA's own parallel work (seen with vmapped PBRL on Four-Rooms: threads parked in
+    `lapack_sgetrf_ffi`); plain XLA ops cannot.
+    """
+    return jnp.linalg.solve(system, rhs)
+
+
+@dense_solve.def_vmap
+def _dense_solve_batched(axis_size, in_batched, system, rhs):
+    system_batched, rhs_batched = in_batched
+    if not system_batched:
+        system = jnp.broadcast_to(system, (axis_size,) + system.shape)
+    if not rhs_batched:
+        rhs = jnp.broadcast_to(rhs, (axis_size,) + rhs.shape)
+    return jax.vmap(_eliminate)(system, rhs), True
+
+
 def _richardson(apply_contraction, b: Array, tol: float, max_iters: int) -> Array:
     """Solves `y = b + C(y)` for a contraction `C` by fixed-point iteration."""
 
@@ -104,7 +148,7 @@ def solve_policy_system(mdp: TabularMDP, policy: Array, b: Array, *, transpose: 
         def solve(_, rhs):
             if method == "direct":
                 system = dense_system()
-                return jnp.linalg.solve(system.T if transposed else system, rhs)
+                return dense_solve(system.T if transposed else system, rhs)
             if method == "richardson":
                 return _richardson(contraction, rhs, tol, options.max_iters)
             y, _ = jax.scipy.sparse.linalg.gmres(
