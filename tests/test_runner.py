@@ -80,7 +80,7 @@ REFUSALS = [
     ({"problem": {"discount": 1.0}}, "problem.discount: expected a number in [0, 1), got 1.0"),
     ({"problem": {"temperature": 0}}, "problem.temperature: expected a number > 0, got 0"),
     ({"problem": {"num_states": 1}}, "problem.num_states: expected an int >= 2, got 1"),
-    ({"problem": {"name": "grid"}}, "problem.name: expected one of ['random'"),
+    ({"problem": {"name": "grid"}}, "problem.name: expected one of ['four_rooms', 'random'], got 'grid'"),
     ({"optimizer": {"name": "adamw"}}, "optimizer.name: expected one of ['sgd', 'adam'], got 'adamw'"),
     ({"estimator": {"name": "magic"}}, "estimator.name: expected one of"),
     ({"estimator": {"hpgd": {"num_envs": 0}}}, "estimator.hpgd.num_envs: expected an int >= 1, got 0"),
