@@ -579,6 +579,7 @@ def main(argv=None):
         problems = random_problems((10, 50, 200), (8, 64), (False, True))
     if not args.no_four_rooms and not args.quick:
         problems.append(four_rooms_problem())
+    order = {p.label: i for i, p in enumerate(problems)}
     if args.problems:
         problems = [p for p in problems if re.search(args.problems, p.label)]
     extra = [c for spec in args.extra for c in load_extra(spec, args.quick)]
@@ -617,6 +618,7 @@ def main(argv=None):
 
     rows = previous + run_benchmark(problems, candidates, seeds=seeds, time_budget=time_budget,
                                     on_problem_done=save_partial)
+    rows.sort(key=lambda r: order.get(r["problem"], len(order)))     # grid order after --resume
     final = meta(False)
     report = markdown_report(rows, final)
     print("\n" + markdown_table(rows))

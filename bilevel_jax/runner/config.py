@@ -39,7 +39,7 @@ __all__ = ["ConfigError", "load_config", "resolve_config", "parse_override", "ap
            "split_sweep_keys", "estimator_fields", "ALGORITHM_FIELDS", "OPTIMIZER_FIELDS",
            "OUTPUT_FIELDS", "TOP_FIELDS"]
 
-ALGORITHM_NAMES = ("ascent", "pbrl")
+ALGORITHM_NAMES = ("ascent", "pbrl", "decoupled")
 MAX_GRID_POINTS = 100_000
 
 TOP_FIELDS = {
@@ -53,7 +53,8 @@ TOP_FIELDS = {
 
 ALGORITHM_FIELDS = {
     "name": Field("str", "ascent", choices=ALGORITHM_NAMES,
-                  doc="ascent: hypergradient ascent with the estimator; pbrl: penalty method"),
+                  doc="ascent: hypergradient ascent with the estimator; pbrl: penalty method; "
+                      "decoupled: fit the reward model, then solve the follower (rlhf only)"),
     "track_objective": Field("bool", True, doc="report the exact F(x) every iteration"),
     "penalty": Field("str", "value", choices=("value", "bellman"), doc="pbrl: the penalty"),
     "rho_0": Field("float", 1.0, low=0, low_open=True, traced=True, doc="pbrl: initial rho"),
@@ -61,6 +62,8 @@ ALGORITHM_FIELDS = {
     "ramp_iters": Field("int", None, low=1, nullable=True,
                         doc="pbrl: iterations of the geometric rho ramp (null: iterations)"),
     "inner_sweeps": Field("int", 10, low=1, doc="pbrl: soft sweeps per iteration for V*"),
+    "fit_steps": Field("int", 1, low=1,
+                       doc="decoupled: reward-model gradient steps on the buffer per iteration"),
 }
 
 OPTIMIZER_FIELDS = {
@@ -380,6 +383,10 @@ def _check_points(config: dict) -> None:
         point = point_config(config, values)
         where = f" (at grid point {format_point(values)})" if values else ""
         algorithm = point["algorithm"]
+        accepted = problem_spec(point["problem"]["name"]).algorithms
+        if algorithm["name"] not in accepted:
+            raise ConfigError(f"algorithm.name: problem {point['problem']['name']!r} runs one of "
+                              f"{list(accepted)}, got {algorithm['name']!r}{where}")
         if algorithm["name"] == "pbrl" and algorithm["rho_0"] > algorithm["rho_max"]:
             raise ConfigError(f"algorithm.rho_0: expected a number <= algorithm.rho_max "
                               f"({algorithm['rho_max']}), got {algorithm['rho_0']}{where}")

@@ -92,6 +92,9 @@ def make_algorithm(config: dict, optimizer, traced: dict | None = None):
     from bilevel_jax.algorithms import hypergradient_ascent, pbrl
 
     section = {**config["algorithm"], **(traced or {})}
+    custom = problem_spec(config["problem"]["name"]).make_algorithm
+    if custom is not None:
+        return custom(config, optimizer, section)
     if section["name"] == "ascent":
         name = config["estimator"]["name"]
         return hypergradient_ascent(name, optimizer, track_objective=section["track_objective"],

@@ -1,0 +1,14 @@
+"""The problems a config can name (`problem.name`); see `registry` for how to add one."""
+
+from bilevel_jax.runner.problems.registry import (
+    GENERIC_ALGORITHMS,
+    ProblemSpec,
+    build_problem,
+    problem_names,
+    problem_spec,
+    register_problem,
+)
+from bilevel_jax.runner.problems import four_rooms, random_mdp  # noqa: F401  (registration)
+
+__all__ = ["GENERIC_ALGORITHMS", "ProblemSpec", "build_problem", "problem_names", "problem_spec",
+           "register_problem"]

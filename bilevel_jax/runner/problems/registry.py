@@ -1,0 +1,88 @@
+"""The problems a config can name (`problem.name`), each with its typed fields.
+
+    register_problem("random", build_random, fields=RANDOM_FIELDS, check=check_random)
+
+A builder takes the resolved `problem` section (a dict with every field, defaults filled) and
+returns `(problem, x0)`: a `BilevelProblem` and the leader's starting parameters. It runs on the
+host, once per compiled program. Fields marked `traced=True` may be swept inside one compiled
+program: the runner passes their per-run values as traced scalars to `apply_traced(problem,
+values, section)` (default: `problem.replace(**values)`, right for the `BilevelProblem` leaves
+`temperature` and `leader_discount`; a problem whose traced fields live in closures rebuilds
+itself from `section`). Every other field is structural: a sweep over it compiles
+one program per value.
+
+A problem whose leader is not a `BilevelProblem` (RLHF, a game at the lower level) brings its own
+algorithms: `algorithms` lists the `algorithm.name` values it accepts and `make_algorithm(config,
+optimizer, algorithm_section)` builds them (`algorithm_section` has the traced values filled in).
+Without it, the generic `ascent` (any estimator) and `pbrl` of `bilevel_jax.algorithms` run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from bilevel_jax.runner.fields import Field
+
+
+GENERIC_ALGORITHMS = ("ascent", "pbrl")
+
+
+def _replace(problem, values: dict, section: dict):
+    del section
+    return problem.replace(**values) if values else problem
+
+
+@dataclass(frozen=True)
+class ProblemSpec:
+    name: str
+    builder: Callable[[dict], tuple[Any, Any]]
+    fields: dict[str, Field]
+    check: Callable[[dict], None] | None = None
+    apply_traced: Callable[[Any, dict, dict], Any] = _replace
+    doc: str = ""
+    algorithms: tuple[str, ...] = GENERIC_ALGORITHMS
+    make_algorithm: Callable[[dict, Any, dict], Any] | None = None
+
+
+_PROBLEMS: dict[str, ProblemSpec] = {}
+
+
+def register_problem(name: str, builder: Callable[[dict], tuple[Any, Any]], *,
+                     fields: dict[str, Field], check: Callable[[dict], None] | None = None,
+                     apply_traced: Callable[[Any, dict, dict], Any] = _replace, doc: str = "",
+                     algorithms: tuple[str, ...] = GENERIC_ALGORITHMS,
+                     make_algorithm: Callable[[dict, Any, dict], Any] | None = None) -> None:
+    """Makes `problem.name: NAME` available in configs.
+
+    Args:
+      builder: `section -> (problem, x0)`.
+      fields: the section's keys (besides `name`), each a typed `Field` with its default.
+      check: `section -> None`, raising `ConfigError` naming `problem.KEY` for combinations of
+        values that are refused (runs before anything is built).
+      apply_traced: `(problem, {field: traced scalar}, section) -> problem` for the `traced`
+        fields.
+      algorithms: the `algorithm.name` values this problem runs.
+      make_algorithm: `(config, optimizer, algorithm_section) -> Algorithm`, for problems that
+        bring their own algorithms (None: the generic `ascent` and `pbrl`).
+    """
+    if "name" in fields:
+        raise ValueError("fields: 'name' is reserved for the problem's name")
+    _PROBLEMS[name] = ProblemSpec(name, builder, dict(fields), check, apply_traced, doc,
+                                  tuple(algorithms), make_algorithm)
+
+
+def problem_names() -> tuple[str, ...]:
+    return tuple(sorted(_PROBLEMS))
+
+
+def problem_spec(name: str) -> ProblemSpec:
+    return _PROBLEMS[name]
+
+
+def build_problem(section: dict):
+    """`(problem, x0)` for a resolved `problem` section."""
+    spec = _PROBLEMS[section["name"]]
+    return spec.builder({k: v for k, v in section.items() if k != "name"})
+
+
