@@ -46,6 +46,16 @@ def test_shipped_configs_resolve(name):
     assert again == config and cfg.config_hash(again) == cfg.config_hash(config)
 
 
+def test_every_shipped_config_resolves():
+    import glob
+
+    paths = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+    assert len(paths) >= 10
+    for path in paths:
+        config = load_config(path)
+        assert config["iterations"] >= 1, path
+
+
 def test_defaults_fill_every_section():
     config = resolve_config({}, default_name="x")
     assert config["name"] == "x" and config["output"]["dir"] == os.path.join("runs", "x")
@@ -80,7 +90,9 @@ REFUSALS = [
     ({"problem": {"discount": 1.0}}, "problem.discount: expected a number in [0, 1), got 1.0"),
     ({"problem": {"temperature": 0}}, "problem.temperature: expected a number > 0, got 0"),
     ({"problem": {"num_states": 1}}, "problem.num_states: expected an int >= 2, got 1"),
-    ({"problem": {"name": "grid"}}, "problem.name: expected one of ['four_rooms', 'random'], got 'grid'"),
+    ({"problem": {"name": "grid"}},
+     "problem.name: expected one of ['four_rooms', 'incentive_design', 'random', 'rlhf', "
+     "'stackelberg'], got 'grid'"),
     ({"optimizer": {"name": "adamw"}}, "optimizer.name: expected one of ['sgd', 'adam'], got 'adamw'"),
     ({"estimator": {"name": "magic"}}, "estimator.name: expected one of"),
     ({"estimator": {"hpgd": {"num_envs": 0}}}, "estimator.hpgd.num_envs: expected an int >= 1, got 0"),
@@ -92,6 +104,8 @@ REFUSALS = [
     ({"problem": {"num_states": 5, "num_terminal": 5}}, "problem.num_terminal: expected an int < problem.num_states"),
     ({"problem": {"num_states": 5, "branching": 6}}, "problem.branching: expected an int <= problem.num_states"),
     ({"problem": {"sparse": True}}, "problem.sparse: true needs problem.branching"),
+    ({"algorithm": {"name": "decoupled"}},
+     "algorithm.name: problem 'random' runs one of ['ascent', 'pbrl'], got 'decoupled'"),
     ({"algorithm": {"name": "pbrl", "rho_0": 10, "rho_max": 1}}, "algorithm.rho_0: expected a number <= algorithm.rho_max"),
     ({"sweep": [1]}, "sweep: expected a mapping"),
     ({"sweep": {"optimizer.learnin_rate": [0.1]}}, "sweep.optimizer.learnin_rate: not a sweepable key path"),
@@ -282,7 +296,8 @@ def test_pbrl_run_with_traced_problem_keys_and_x0_noise(tmp_path, capsys):
     assert "1 compiled program," in printed and "penalty" in printed
     summary = result.summary
     assert summary["metrics"] == ["objective", "grad_norm", "follower_residual", "samples",
-                                  "penalized_objective", "penalty", "policy_objective", "rho"]
+                                  "best_response_gap", "penalized_objective", "penalty",
+                                  "policy_objective", "rho"]
     points = summary["points"]
     assert [p["values"] for p in points] == [
         {"problem.temperature": t, "x0_noise": n} for t in (0.1, 0.5) for n in (0.0, 0.3)]

@@ -5,7 +5,11 @@
 the step is taken on the objective divided by `rho`, i.e. the step size scales as `1/rho`. The
 value penalty's `V*` is approximated by `inner_sweeps` soft sweeps warm-started from the previous
 iteration's table. Reported: exact `F(x)` (the bilevel objective at the leader's iterate), the
-penalized objective, the penalty and `rho`.
+penalized objective, the penalty, `rho`, and `best_response_gap`, the followers' distance to
+their best responses `sum_k p_k [V*_{x,k}(mu) - V^{pi_y}_{x,k}(mu)] >= 0` (soft values) at the
+iterate `(x, y)` the step was taken at: `V*` from a solve to tolerance warm-started at the inner
+sweeps' table when `track_objective`, else the value of the inner sweeps' soft-greedy policy
+(then it is the value penalty with approximate `V*` and may be slightly negative).
 """
 
 from __future__ import annotations
@@ -85,6 +89,8 @@ def pbrl(optimizer: optax.GradientTransformation, *, penalty: str = "value", rho
             lambda c, qc: soft_bellman_operator(qc, problem.follower(state["x"], c),
                                                 problem.temperature) - qc, problem, q)))
         objective = leader_objective(problem, state["x"]) if track_objective else f
+        gap = value_penalty(problem, state["x"], state["y"], init_q=q,
+                            **({} if track_objective else {"num_sweeps": 0}))
         metrics = {"objective": jnp.asarray(objective, jnp.float32),
                    "grad_norm": global_norm(grads["x"]).astype(jnp.float32),
                    "follower_residual": residual.astype(jnp.float32),
@@ -92,7 +98,8 @@ def pbrl(optimizer: optax.GradientTransformation, *, penalty: str = "value", rho
                    "nonfinite": any_nonfinite(grads, new),
                    "penalized_objective": (scaled * rho).astype(jnp.float32),
                    "penalty": p.astype(jnp.float32), "policy_objective": f.astype(jnp.float32),
-                   "rho": jnp.asarray(rho, jnp.float32)}
+                   "rho": jnp.asarray(rho, jnp.float32),
+                   "best_response_gap": gap.astype(jnp.float32)}
         new_state = {"x": new["x"], "y": new["y"], "q": q, "opt": opt_state, "key": state["key"],
                      "step": state["step"] + 1}
         return new_state, metrics

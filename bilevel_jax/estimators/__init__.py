@@ -5,6 +5,7 @@ from bilevel_jax.estimators.exact import exact, unrolled
 from bilevel_jax.estimators.amd import amd
 from bilevel_jax.estimators.zero_order import zero_order
 from bilevel_jax.estimators.hpgd import hpgd
+from bilevel_jax.estimators.naive import naive
 
 __all__ = ["Estimator", "amd", "available", "hpgd", "exact", "hypergradient", "make_estimator",
-           "register", "unrolled", "zero_order"]
+           "naive", "register", "unrolled", "zero_order"]
