@@ -36,7 +36,15 @@ from bilevel_jax.problem import (
 from bilevel_jax import algorithms, estimators
 from bilevel_jax.algorithms import Algorithm, NonFiniteError, TrainResult, pbrl, train
 from bilevel_jax.games import TabularGame, nikaido_isoda_gap, solve_game_equilibrium, validate_game
+from bilevel_jax.games import GameEquilibrium
+from bilevel_jax.algorithms.incentive import equilibrium_ascent, ni_pbrl
+from bilevel_jax.envs.incentive_design import (IncentiveDesignProblem, designer_objective,
+                                               incentive_design_problem)
 from bilevel_jax.penalties import bellman_penalty, value_penalty
+from bilevel_jax.algorithms.rlhf import rlhf_decoupled, rlhf_pbrl
+from bilevel_jax.envs.preference import PreferenceEnv, preference_gridworld, random_preference_env
+from bilevel_jax.preferences import (RLHFProblem, TrajectoryPairs, annotate, linear_reward_model,
+                                     mlp_reward_model, preference_nll, rlhf_problem, sample_pairs)
 from bilevel_jax.estimators import Estimator, hypergradient, make_estimator
 
 __version__ = "0.1.0"
@@ -51,6 +59,25 @@ __all__ = [
     "pbrl",
     "train",
     "TabularGame",
+    "GameEquilibrium",
+    "IncentiveDesignProblem",
+    "designer_objective",
+    "equilibrium_ascent",
+    "incentive_design_problem",
+    "ni_pbrl",
+    "PreferenceEnv",
+    "RLHFProblem",
+    "TrajectoryPairs",
+    "annotate",
+    "linear_reward_model",
+    "mlp_reward_model",
+    "preference_gridworld",
+    "preference_nll",
+    "random_preference_env",
+    "rlhf_decoupled",
+    "rlhf_pbrl",
+    "rlhf_problem",
+    "sample_pairs",
     "bellman_penalty",
     "nikaido_isoda_gap",
     "solve_game_equilibrium",

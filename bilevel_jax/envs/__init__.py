@@ -12,7 +12,33 @@ from bilevel_jax.envs.four_rooms import (
     initial_incentive_params,
 )
 from bilevel_jax.envs.grid import GridLayout, grid_transitions, slip_kernel
+from bilevel_jax.envs.preference import (
+    PreferenceEnv,
+    linear_fit_residual,
+    preference_gridworld,
+    random_preference_env,
+)
+from bilevel_jax.envs.incentive_design import (
+    IncentiveDesignProblem,
+    designer_objective,
+    incentive_design_problem,
+    validate_incentive_problem,
+)
+from bilevel_jax.envs.stackelberg import (
+    GeneralSumGame,
+    commitment_game,
+    random_markov_game,
+    soft_nash_equilibrium,
+    stackelberg_problem,
+    validate_general_sum_game,
+)
 
 __all__ = ["FOUR_ROOMS_MAP", "GOALS", "START", "FourRooms", "FourRoomsParams", "GridLayout",
            "four_rooms_layout", "four_rooms_mdp", "four_rooms_problem", "grid_transitions",
            "initial_incentive_params", "slip_kernel"]
+__all__ += ["GeneralSumGame", "commitment_game", "random_markov_game", "soft_nash_equilibrium",
+            "stackelberg_problem", "validate_general_sum_game"]
+__all__ += ["IncentiveDesignProblem", "designer_objective", "incentive_design_problem",
+            "validate_incentive_problem"]
+__all__ += ["PreferenceEnv", "linear_fit_residual", "preference_gridworld",
+            "random_preference_env"]

@@ -9,6 +9,9 @@ from bilevel_jax.runner.problems.registry import (
     register_problem,
 )
 from bilevel_jax.runner.problems import four_rooms, random_mdp  # noqa: F401  (registration)
+from bilevel_jax.runner.problems import stackelberg  # noqa: F401  (registration)
+from bilevel_jax.runner.problems import incentive_design  # noqa: F401  (registration)
+from bilevel_jax.runner.problems import rlhf  # noqa: F401  (registration)
 
 __all__ = ["GENERIC_ALGORITHMS", "ProblemSpec", "build_problem", "problem_names", "problem_spec",
            "register_problem"]
