@@ -46,10 +46,6 @@ from bilevel_jax.core.evaluation import policy_evaluation
 from bilevel_jax.core.mdp import SparseTransitions, TabularMDP, check_shapes
 from bilevel_jax.core.rollout import _inverse_cdf
 
-try:  # jax.random.uniform bit for bit, but much cheaper to compile and run on CPU
-    from bilevel_jax.core.rollout import uniform as _uniform
-except ImportError:  # pragma: no cover - older core
-    _uniform = jax.random.uniform
 from bilevel_jax.core.soft_vi import check_temperature, value_iteration
 from bilevel_jax.envs.preference import PreferenceEnv
 from bilevel_jax.errors import InvalidArgumentError
@@ -355,8 +351,7 @@ def sample_pairs(key: Array, mdp: TabularMDP, policy: Array, horizon: int,
 
     Each trajectory starts from `mdp.initial`; after acting in a terminal state it is absorbed
     (`alive` false, state and action stored as 0). One `lax.scan` over time, `2 * num_pairs`
-    trajectories wide, with every uniform drawn up front by one call (`core.rollout.uniform`,
-    the same numbers as `jax.random.uniform`, far cheaper to compile on CPU).
+    trajectories wide, with every uniform drawn up front by one `jax.random.uniform` call.
 
     Args:
       key: PRNG key.
@@ -370,7 +365,7 @@ def sample_pairs(key: Array, mdp: TabularMDP, policy: Array, horizon: int,
     """
     horizon = _check_int("horizon", horizon, 1)
     num_pairs = _check_int("num_pairs", num_pairs, 1)
-    uniforms = _uniform(key, (num_pairs, 2, 2 * horizon + 1),
+    uniforms = jax.random.uniform(key, (num_pairs, 2, 2 * horizon + 1),
                         jnp.result_type(policy.dtype, float))
     return pairs_from_uniforms(uniforms, mdp, policy)
 
@@ -460,7 +455,7 @@ def annotate(key: Array, true_reward: Array, pairs: TrajectoryPairs, noise) -> A
       InvalidArgumentError: `noise` (concrete) negative or not finite; malformed `pairs`.
     """
     _check_pairs(pairs)
-    return labels_from_uniforms(_uniform(key, (pairs.num_pairs,), true_reward.dtype),
+    return labels_from_uniforms(jax.random.uniform(key, (pairs.num_pairs,), true_reward.dtype),
                                 true_reward, pairs, noise)
 
 
@@ -482,7 +477,7 @@ def sample_labelled_pairs(key: Array, mdp: TabularMDP, policy: Array, true_rewar
     horizon = _check_int("horizon", horizon, 1)
     num_pairs = _check_int("num_pairs", num_pairs, 1)
     width = 2 * horizon + 1
-    u = _uniform(key, (num_pairs, 2 * width + 1), jnp.result_type(policy.dtype, float))
+    u = jax.random.uniform(key, (num_pairs, 2 * width + 1), jnp.result_type(policy.dtype, float))
     pairs = pairs_from_uniforms(u[:, :2 * width].reshape(num_pairs, 2, width), mdp, policy)
     return pairs, labels_from_uniforms(u[:, -1].astype(true_reward.dtype), true_reward, pairs,
                                        noise)
