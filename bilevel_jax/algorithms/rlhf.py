@@ -96,8 +96,9 @@ def _fit(problem: RLHFProblem, optimizer, x, opt_state, buffer, steps: int):
 def _setup(problem: RLHFProblem, x0, key, optimizer):
     """Shared start of both algorithms: held-out set, initial pairs, reward warm-up.
 
-    Returns `(key, x, buffer, heldout, labels_used)`; `heldout = {"pairs", "gaps"}` (the true
-    return gaps of the held-out pairs).
+    Returns the state entries both algorithms share: `x` (warmed up), `q` (the soft-optimal Q of
+    its reward), `key`, `step`, `buffer`, `heldout = {"pairs", "gaps"}` (the true return gaps of
+    the held-out pairs) and `labels` (labels used so far).
     """
     _check_problem(problem)
     check_params(problem, x0)
@@ -123,7 +124,9 @@ def _setup(problem: RLHFProblem, x0, key, optimizer):
         if problem.warmup_epochs:
             x, _, _ = _fit(problem, optimizer, x0, optimizer.init(x0), buffer,
                            problem.warmup_epochs)
-    return key, x, buffer, heldout, labels_used
+    q = jax.lax.stop_gradient(soft_value_iteration(problem.follower_mdp(x), lam).q)
+    return {"x": x, "q": q, "key": key, "step": jnp.zeros((), jnp.int32), "buffer": buffer,
+            "heldout": heldout, "labels": labels_used}
 
 
 def _evaluation(problem: RLHFProblem, x, policy, buffer, heldout, track_objective: bool):
@@ -185,13 +188,9 @@ def rlhf_pbrl(optimizer: optax.GradientTransformation, *, penalty: str = "value"
     score_weights(jnp.zeros(2), baseline)   # refuses an unknown baseline now
 
     def init(problem, x0, key):
-        key, x, buffer, heldout, labels_used = _setup(problem, x0, key, optimizer)
-        q = jax.lax.stop_gradient(
-            soft_value_iteration(problem.follower_mdp(x), problem.temperature).q)
-        params = {"x": x, "y": q}
-        return {"x": x, "y": params["y"], "q": q, "opt": optimizer.init(params), "key": key,
-                "step": jnp.zeros((), jnp.int32), "buffer": buffer, "heldout": heldout,
-                "labels": labels_used}
+        state = _setup(problem, x0, key, optimizer)
+        params = {"x": state["x"], "y": state["q"]}
+        return dict(state, y=params["y"], opt=optimizer.init(params))
 
     def step(problem, state):
         _check_problem(problem)
@@ -260,12 +259,8 @@ def rlhf_decoupled(optimizer: optax.GradientTransformation, *, fit_steps: int = 
         raise InvalidArgumentError(f"fit_steps: expected an int >= 1, got {fit_steps!r}")
 
     def init(problem, x0, key):
-        key, x, buffer, heldout, labels_used = _setup(problem, x0, key, optimizer)
-        q = jax.lax.stop_gradient(
-            soft_value_iteration(problem.follower_mdp(x), problem.temperature).q)
-        return {"x": x, "q": q, "opt": optimizer.init(x), "key": key,
-                "step": jnp.zeros((), jnp.int32), "buffer": buffer, "heldout": heldout,
-                "labels": labels_used}
+        state = _setup(problem, x0, key, optimizer)
+        return dict(state, opt=optimizer.init(state["x"]))
 
     def step(problem, state):
         _check_problem(problem)
