@@ -12,6 +12,7 @@ Library bugs found are demonstrated by failing tests marked "BUG" in their docst
 from __future__ import annotations
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +20,13 @@ import numpy as np
 import pytest
 
 import bilevel_jax as bj
+import reference as ref
 from bilevel_jax.errors import InvalidArgumentError
 from helpers import assert_rel_close
 from test_problem import (get_case, make_problem, make_spec, np_gradient, np_model, np_objective,
                           reference_gradient, spec_x, to_tree, tree_to_flat)
+
+hpgd_module = importlib.import_module("bilevel_jax.estimators.hpgd")   # (the name is the factory)
 
 FAST = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
@@ -339,6 +343,172 @@ def test_hpgd_unbiased_default_horizon_under_jit():
     explicit = bj.make_estimator("hpgd", unbiased=True, num_envs=8, horizon=50)
     out = jax.eval_shape(explicit.update, problem, x, explicit.init(problem, x), jax.random.key(0))
     assert jax.tree_util.tree_structure(out[0]) == jax.tree_util.tree_structure(x)
+
+
+
+# The paper estimator's cotangent tables against a NumPy re-derivation of SPEC 5 (one
+# trajectory: the rollout is `sample_trajectories` with the same key, see test_rollout.py).
+
+def np_paper_tables(traj, model, q, rbar, lam, gamma, gamma_bar, baseline):
+    """Per-environment cotangents of the paper's HPGD on a trajectory, in plain NumPy loops:
+    `g = (1/E) sum_t gammabar^tau_t [d rbar(s_t, a_t) + (1/lam) Abar_hat dA_hat(s_t, a_t)]` with
+    per-(s, a) Monte-Carlo averages, returns cut at episode ends and at the window's end, and
+    the score terms of `P` (in the follower's vector return and the leader's) and of `mu`."""
+    s, a, sn = traj["states"], traj["actions"], traj["next_states"]
+    done, tau = traj["dones"], traj["times"]
+    T, N = s.shape
+    S, A = rbar.shape
+    v_star = lam * np.log(np.exp(q / lam - (q / lam).max(-1, keepdims=True)).sum(-1)) + q.max(-1)
+    keep = 1.0 - model["terminal"]
+    G = np.zeros((T, N))                                   # leader's returns-to-go
+    for n in range(N):
+        for t in reversed(range(T)):
+            later = G[t + 1, n] if t + 1 < T and not done[t, n] else 0.0
+            G[t, n] = rbar[s[t, n], a[t, n]] + gamma_bar * later
+    n_sa, g_sa = np.zeros((S, A)), np.zeros((S, A))
+    np.add.at(n_sa, (s, a), 1.0)
+    np.add.at(g_sa, (s, a), G)
+    q_hat = g_sa / np.maximum(n_sa, 1)
+    v_hat = g_sa.sum(1) / np.maximum(n_sa.sum(1), 1)
+    adv = q_hat - v_hat[:, None] if baseline == "advantage" else q_hat
+    E = max(done.sum(), 1)
+    W = np.zeros((S, A))
+    np.add.at(W, (s, a), gamma_bar ** tau * adv[s, a] / (lam * E))
+    # sum_visits W(s,a)/n(s,a) dQ_hat - W(s)/n(s) dV_hat, each dQ_hat a mean of vector returns
+    beta = W / np.maximum(n_sa, 1) - (W.sum(1) / np.maximum(n_sa.sum(1), 1))[:, None]
+    out = {"rewards": np.zeros((N, S, A)), "leader_reward": np.zeros((N, S, A)),
+           "initial": np.zeros((N, S)), "transitions": np.zeros((N,) + model["cot_shape"])}
+    for n in range(N):
+        alpha = 0.0
+        for t in range(T):
+            alpha = beta[s[t, n], a[t, n]] + (gamma * alpha if t > 0 and not done[t - 1, n] else 0.0)
+            si, ai, ni = s[t, n], a[t, n], sn[t, n]
+            out["rewards"][n, si, ai] += alpha
+            out["leader_reward"][n, si, ai] += gamma_bar ** tau[t, n] / E
+            if tau[t, n] == 0:
+                out["initial"][n, si] += G[t, n] / (E * model["initial"][si])
+            cont = not done[t, n] and t + 1 < T
+            after = G[t + 1, n] if cont else v_hat[ni]
+            w = keep[si] * (alpha * gamma * v_star[ni] + gamma_bar ** tau[t, n] * gamma_bar * after / E)
+            if model["indices"] is None:
+                if model["P"][si, ai, ni] > 0:
+                    out["transitions"][n, si, ai, ni] += w / model["P"][si, ai, ni]
+            else:
+                match = model["indices"][si, ai] == ni
+                prob = model["probs"][si, ai][match].sum()
+                if prob > 0:
+                    out["transitions"][n, si, ai] += match * w / prob
+    return out
+
+
+PAPER_OPTIONS = dict(num_envs=3, num_steps=40, max_episode_steps=6)
+PAPER_ESTIMATE = {
+    (baseline, per_env): jax.jit(functools.partial(
+        hpgd_module._paper_estimate, baseline=baseline, per_env=per_env, **PAPER_OPTIONS))
+    for baseline in ("advantage", "none") for per_env in (True, False)}
+
+
+def paper_case(sparse, seed=5):
+    """A small MDP with terminal states (one with an all-zero row) and a random start."""
+    rng = np.random.default_rng(seed)
+    r = ref.random_mdp(rng, 6, 2, branching=3, num_terminal=2, zero_terminal_rows=True)
+    transitions = (bj.SparseTransitions(indices=jnp.asarray(r.indices, jnp.int32),
+                                        probs=jnp.asarray(r.probs)) if sparse else jnp.asarray(r.P))
+    mdp = bj.TabularMDP(transitions=transitions, rewards=jnp.asarray(r.rewards), discount=0.85,
+                        initial=jnp.asarray(r.initial), terminal=jnp.asarray(r.terminal))
+    model = {"P": r.P, "indices": r.indices if sparse else None, "probs": r.probs,
+             "initial": r.initial, "terminal": r.terminal.astype(float),
+             "cot_shape": r.probs.shape if sparse else r.P.shape}
+    return mdp, model, rng.normal(size=(6, 2)), rng.normal(size=(6, 2))
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("baseline", ["advantage", "none"])
+def test_hpgd_paper_tables_match_numpy_reference(sparse, baseline):
+    """The paper estimator's per-environment cotangent tables (rewards, leader reward, initial
+    distribution, transitions) equal the NumPy loops of `np_paper_tables` on the same
+    trajectory to 1e-9, and the summed tables (`estimate_variance=False`) their sums."""
+    mdp, model, q, rbar = paper_case(sparse)
+    lam, gamma_bar = 0.7, 0.9
+    key = jax.random.key(8)
+    traj = bj.sample_trajectories(key, mdp, jax.nn.softmax(jnp.asarray(q) / lam),
+                                  **PAPER_OPTIONS)
+    traj = {name: np.asarray(getattr(traj, name)) for name in
+            ("states", "actions", "next_states", "dones", "times")}
+    assert traj["dones"].sum() >= 10 and (traj["times"] == 0).sum() >= 10
+    expected = np_paper_tables(traj, model, q, rbar, lam, 0.85, gamma_bar, baseline)
+    got = PAPER_ESTIMATE[baseline, True](key, mdp, jnp.asarray(q), jnp.asarray(rbar), lam,
+                                         gamma_bar)
+    summed = PAPER_ESTIMATE[baseline, False](key, mdp, jnp.asarray(q), jnp.asarray(rbar), lam,
+                                             gamma_bar)
+    for name, table in expected.items():
+        assert np.abs(table).max() > 0, name
+        np.testing.assert_allclose(got[name], table, rtol=1e-9, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(summed[name], table.sum(0, keepdims=True), rtol=1e-9,
+                                   atol=1e-12, err_msg=name)
+
+
+def test_hpgd_paper_estimate_under_vmap_matches_single_runs():
+    """Under `vmap` the paper estimate is computed for all runs as one rollout (its
+    `custom_vmap` rule): the tables equal the single-run ones, with the model shared by the
+    runs (unbatched) or each run's own (batched kernel, start distribution and temperature)."""
+    mdp, model, q, rbar = paper_case(True, seed=9)
+    rng = np.random.default_rng(3)
+    qs = jnp.asarray(q + rng.normal(size=(3,) + q.shape))
+    rbars = jnp.asarray(rbar + rng.normal(size=(3,) + rbar.shape))
+    keys = jax.random.split(jax.random.key(4), 3)
+    lams = jnp.asarray([0.5, 0.7, 0.9])
+    probs = np.stack([model["probs"]] + [ref.random_mdp(rng, 6, 2, branching=3).probs
+                                         for _ in range(2)])
+    probs[:, model["terminal"] > 0] = 0.0
+    initials = np.stack([model["initial"], np.eye(6)[2], rng.dirichlet(np.ones(6))])
+    mdps = mdp.replace(transitions=mdp.transitions.replace(
+        probs=jnp.asarray(probs), indices=jnp.broadcast_to(mdp.transitions.indices, probs.shape)),
+        initial=jnp.asarray(initials), discount=jnp.asarray([0.85, 0.8, 0.9]),
+        rewards=jnp.broadcast_to(mdp.rewards, (3,) + mdp.rewards.shape),
+        terminal=jnp.broadcast_to(mdp.terminal, (3,) + mdp.terminal.shape))
+    single = PAPER_ESTIMATE["advantage", True]
+    batched_shared = jax.jit(jax.vmap(single, in_axes=(0, None, 0, 0, None, None)))(
+        keys, mdp, qs, rbars, 0.7, 0.9)
+    batched_own = jax.jit(jax.vmap(single, in_axes=(0, 0, 0, 0, 0, None)))(
+        keys, mdps, qs, rbars, lams, 0.9)
+    for r in range(3):
+        own = jax.tree_util.tree_map(lambda leaf: leaf[r], mdps)
+        for batch, args in ((batched_shared, (mdp, 0.7)), (batched_own, (own, lams[r]))):
+            expected = single(keys[r], args[0], qs[r], rbars[r], args[1], 0.9)
+            for name in expected:
+                np.testing.assert_allclose(batch[name][r], expected[name], rtol=1e-12,
+                                           atol=1e-14, err_msg=f"run {r}: {name}")
+
+
+HPGD_SAMPLE = bj.make_estimator("hpgd", num_envs=4, num_steps=60, max_episode_steps=8,
+                                estimate_variance=False)
+
+
+def _hpgd_chunk(problem, x, key):
+    """Three warm-started updates at x in a `lax.scan` (a training chunk's shape)."""
+    def body(state, k):
+        grad, state, _ = HPGD_SAMPLE.update(problem, x, state, k)
+        return state, grad
+    return jax.lax.scan(body, HPGD_SAMPLE.init(problem, x), jax.random.split(key, 3))[1]
+
+
+HPGD_CHUNK = fast_jit(_hpgd_chunk)
+HPGD_CHUNKS = fast_jit(jax.vmap(_hpgd_chunk, in_axes=(None, 0, 0)))
+
+
+def test_hpgd_sampled_context_vmapped_chunks_match_single_runs():
+    """The grid's path: `hpgd(contexts="sample")` updates in a `lax.scan`, vmapped over runs
+    (x, key), equal each run's own scan (the estimate's `custom_vmap` rule batches the runs)."""
+    spec, problem, x, xf, exact = hpgd_setup()
+    xs_flat, keys = pairs_batch(spec, xf, 1, 31)
+    xs = to_tree(spec, xs_flat)
+    batched = HPGD_CHUNKS(problem, xs, keys)
+    for i in range(xs_flat.shape[0]):
+        single = HPGD_CHUNK(problem, to_tree(spec, xs_flat[i]), keys[i])
+        for got, want in zip(jax.tree_util.tree_leaves(batched), jax.tree_util.tree_leaves(single)):
+            np.testing.assert_allclose(got[i], want, rtol=1e-10, atol=1e-14, err_msg=f"run {i}")
+    assert np.abs(batch_flat(batched)[0] - batch_flat(batched)[1]).max() > 0
 
 
 # Oracles: warm-up updates that carry the state, inside one jit per oracle.

@@ -324,3 +324,127 @@ def test_given_start_states_and_actions():
     with pytest.raises(bj.InvalidArgumentError, match="start_states"):
         bj.sample_trajectories(rbg_key(0), mdp, jnp.asarray(policy), num_envs=4, num_steps=2,
                                start_states=jnp.zeros(5, jnp.int32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast uniforms, and R runs as one rollout (the batched form estimators use under vmap)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_uniform_runs_are_jax_random_uniform_bit_for_bit(dtype):
+    """`uniform_runs` (an unrolled threefry laid out with the run axis anywhere) draws exactly
+    `jax.random.uniform`'s numbers: typed and raw threefry keys, both float widths, every run
+    axis position, odd sizes; other PRNGs (rbg) go through `vmap(jax.random.uniform)`."""
+    from bilevel_jax.core.rollout import uniform_runs
+
+    typed = jax.random.split(jax.random.key(3), 3)
+    raw = jnp.stack([jax.random.PRNGKey(s) for s in (0, 1, 2**31 + 5)])
+    rbg = jax.random.split(rbg_key(4), 3)
+    for keys in (typed, raw, rbg):
+        for shape in ((7,), (5, 1, 3), (4, 2, 3)):
+            if keys is rbg:       # its streams depend on vmap: the reference is the vmap
+                expected = np.asarray(jax.vmap(lambda k: jax.random.uniform(k, shape, dtype))(keys))
+            else:
+                expected = np.stack([np.asarray(jax.random.uniform(k, shape, dtype))
+                                     for k in keys])
+            for axis in range(len(shape) + 1):
+                got = np.asarray(jax.jit(uniform_runs, static_argnums=(1, 2, 3))(
+                    keys, shape, dtype, axis))
+                assert got.dtype == np.dtype(dtype)
+                np.testing.assert_array_equal(got, np.moveaxis(expected, 0, axis))
+    assert expected.min() >= 0.0 and expected.max() < 1.0
+
+
+sample_runs = jax.jit(bj.core.rollout.sample_runs,
+                      static_argnames=("num_envs", "num_steps", "max_episode_steps", "pack_limit"))
+
+
+def _runs_case(sparse, per_run, seed=12):
+    """Three runs of one small MDP: per-run policies, and per-run (or shared) kernels and
+    start distributions (run 1 of the per-run case starts deterministically). Returns the
+    batched `TabularMDP` (leading run axis 3 or 1), the policies and each run's own MDP."""
+    rng = np.random.default_rng(seed)
+    S, A, R = 7, 3, 3
+    base = ref.random_mdp(rng, S, A, branching=4, num_terminal=2, zero_terminal_rows=True)
+    count = R if per_run else 1
+    probs = np.stack([base.probs] + [ref.random_mdp(rng, S, A, branching=4).probs
+                                     for _ in range(count - 1)])
+    probs[:, base.terminal] = 0.0
+    initial = np.stack([base.initial] + [rng.dirichlet(np.ones(S)) for _ in range(count - 1)])
+    if per_run:
+        initial[1] = np.eye(S)[4]
+    indices = np.broadcast_to(base.indices, probs.shape)
+    dense = np.stack([ref.dense_from_sparse(base.indices, p, S) for p in probs])
+    transitions = (bj.SparseTransitions(indices=jnp.asarray(indices, jnp.int32),
+                                        probs=jnp.asarray(probs)) if sparse else jnp.asarray(dense))
+    runs = bj.TabularMDP(transitions=transitions, rewards=jnp.asarray(base.rewards)[None],
+                         discount=GAMMA, initial=jnp.asarray(initial),
+                         terminal=jnp.asarray(base.terminal)[None])
+    own = [as_mdp(dense[r % count], base.rewards, initial[r % count], base.terminal,
+                  transitions=None if not sparse else bj.SparseTransitions(
+                      indices=jnp.asarray(base.indices, jnp.int32),
+                      probs=jnp.asarray(probs[r % count])))
+           for r in range(R)]
+    policies = rng.dirichlet(np.ones(A), size=(R, S))
+    policies[0, 2] = [0.0, 1.0, 0.0]
+    return runs, jnp.asarray(policies), own
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("per_run", [False, True])
+def test_sample_runs_give_each_run_its_own_trajectory(sparse, per_run):
+    """`sample_runs` (R runs as one loop over R * N lanes) gives run r exactly the trajectory of
+    `sample_trajectories(keys[r], mdp_r, policy_r)`: sparse and dense kernels, shared or per-run
+    kernels and start distributions, with and without a time limit."""
+    runs, policies, own = _runs_case(sparse, per_run)
+    keys = jax.random.split(jax.random.key(21), 3)
+    for max_steps in (None, 4):
+        batch = to_numpy(sample_runs(keys, runs, policies, num_envs=5, num_steps=30,
+                                     max_episode_steps=max_steps))
+        for r in range(3):
+            single = to_numpy(sample(keys[r], own[r], policies[r], num_envs=5, num_steps=30,
+                                     max_episode_steps=max_steps))
+            for name in single:
+                assert batch[name].shape == (30, 3, 5), name
+                np.testing.assert_array_equal(batch[name][:, r], single[name],
+                                              err_msg=f"run {r}: {name}")
+        assert not np.array_equal(batch["actions"][:, 0], batch["actions"][:, 1])
+
+
+def test_int32_codes_packed_or_not_give_the_same_trajectory():
+    """Each step stacks `(time * S + state) * outcomes + outcome` as one int32 when that fits,
+    else the two codes as two rows: both give the same trajectory; when even `time * S` would
+    overflow, the error names `num_steps`."""
+    runs, policies, _ = _runs_case(True, False)
+    keys = jax.random.split(jax.random.key(2), 3)
+    packed = to_numpy(sample_runs(keys, runs, policies, num_envs=5, num_steps=30))
+    limit = 30 * 7 + 1                     # > T * S, < T * S * A * B: two rows per step
+    unpacked = to_numpy(sample_runs(keys, runs, policies, num_envs=5, num_steps=30,
+                                    pack_limit=limit))
+    for name in packed:
+        np.testing.assert_array_equal(packed[name], unpacked[name], err_msg=name)
+    with pytest.raises(bj.InvalidArgumentError, match="num_steps"):
+        bj.core.rollout.sample_runs(keys, runs, policies, num_envs=5, num_steps=30,
+                                    pack_limit=30 * 7)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_all_zero_rows_of_terminal_states_keep_actions_valid(sparse):
+    """A terminal state may have an all-zero transition row (validate_mdp allows it): acting
+    there still follows the policy (sparse kernels draw action and successor jointly, so the
+    zero row must not swallow the action) and every sampled index stays in range."""
+    rng = np.random.default_rng(13)
+    r = ref.random_mdp(rng, 6, 3, branching=3, num_terminal=2, zero_terminal_rows=True,
+                       initial_support=6)
+    transitions = (bj.SparseTransitions(indices=jnp.asarray(r.indices, jnp.int32),
+                                        probs=jnp.asarray(r.probs)) if sparse else None)
+    mdp = bj.validate_mdp(as_mdp(r.P, r.rewards, r.initial, r.terminal, transitions=transitions))
+    policy = rng.dirichlet(np.ones(3), size=6)
+    traj = to_numpy(sample(rbg_key(17), mdp, jnp.asarray(policy), num_envs=1000, num_steps=40))
+    assert traj["actions"].min() >= 0 and traj["actions"].max() < 3
+    assert traj["next_states"].min() >= 0 and traj["next_states"].max() < 6
+    at_terminal = r.terminal[traj["states"]]
+    assert at_terminal.sum() > 3000
+    counts = np.zeros((6, 3))
+    np.add.at(counts, (traj["states"][at_terminal], traj["actions"][at_terminal]), 1)
+    check_frequencies(counts[r.terminal], policy[r.terminal])

@@ -26,6 +26,12 @@ Two variants:
 When `P` or `mu` depend on `x`, score terms are added: `gamma d_x log P(s'|s, a) V*(s')` in the
 follower's vector return, `gammabar d_x log P(s'|s, a) Gbar(s')` and `d_x log mu(s_0) Gbar_0` in
 the leader's part.
+
+Speed (the paper variant): the rollout is one time loop, and every other per-step quantity is a
+vectorized pass over the `[T, N]` steps (two linear recurrences, segment sums keyed by `(s, a)`,
+gathers from small materialized tables). Under `vmap` (a grid of runs) the estimate is computed
+for all runs at once with their environments side by side (`_paper_estimate`), which gives each
+run exactly its own estimate.
 """
 
 from __future__ import annotations
@@ -34,10 +40,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from bilevel_jax.core.mdp import SparseTransitions
-from bilevel_jax.core.rollout import sample_trajectories
+from bilevel_jax.core.rollout import (concrete_value, materialize, run_rows, sample_runs,
+                                      sample_trajectories)
 from bilevel_jax.core.soft_vi import soft_bellman_operator, soft_greedy_policy, soft_value
 from bilevel_jax.errors import InvalidArgumentError
 from bilevel_jax.estimators import model
@@ -53,18 +61,19 @@ def _scatter(shape, index, weights):
     return jnp.zeros(shape, weights.dtype).at[index].add(weights)
 
 
-def _per_env(fn, *arrays):
-    """Applies `fn` to each environment's column of `[T, N]` arrays: results stacked on axis 0."""
-    return jax.vmap(fn, in_axes=1)(*arrays)
-
-
 class _Context:
-    """What one context's estimate needs: the model, the follower's q, leader reward."""
+    """What one context's estimate needs: the model, the follower's q, leader reward.
+
+    The per-state tables that get gathered at every sampled step are materialized once: XLA
+    would otherwise fuse their producers (a logsumexp, the softmax inside a reward) into the
+    gathers and recompute them per step.
+    """
 
     def __init__(self, mdp, q, rbar, lam, gamma_bar):
-        self.mdp, self.q, self.rbar, self.lam, self.gamma_bar = mdp, q, rbar, lam, gamma_bar
-        self.policy = soft_greedy_policy(q, lam)
-        self.v_star = soft_value(q, lam)
+        self.mdp, self.q, self.lam, self.gamma_bar = mdp, q, lam, gamma_bar
+        self.rbar = materialize(rbar)
+        self.policy = materialize(soft_greedy_policy(q, lam))
+        self.v_star = materialize(soft_value(q, lam))
         self.keep = mdp.continuation()
         self.gamma = mdp.discount
         self.shape = mdp.rewards.shape
@@ -81,7 +90,8 @@ class _Context:
 def _linear_recurrence(coeffs, inputs, reverse=False):
     """`y_t = coeffs_t * y_{t-1} + inputs_t` along axis 0 (`y_{-1} = 0`); `reverse=True` runs
     from the end (`y_t = coeffs_t * y_{t+1} + inputs_t`). A sequential scan: on CPU it beats
-    the log-depth associative scan at these sizes."""
+    the log-depth associative scan at these sizes (and a blocked two-level scan: its body is
+    one fused loop, ~30 ns a step)."""
     def body(y, inp):
         c, x = inp
         y = c * y + x
@@ -96,80 +106,152 @@ def _leader_returns(rewards, dones, discount):
                               reverse=True)
 
 
-def _paper_cotangents(ctx: _Context, traj, baseline):
-    """Per-environment cotangents of the paper's estimator: dict of `[N, ...]` tables.
+def _paper_tables(keys, q, rbar, mdp, lam, gamma_bar, *, num_envs, num_steps, max_episode_steps,
+                  baseline, per_env, fixed_start):
+    """Cotangent tables of the paper's estimator for `R` runs at once (dict of `[R, G, ...]`).
 
-    All per-(s, a) statistics are segment sums keyed by `(env, s, a)`, state statistics their
-    sums over actions; lookups gather several columns of one `[S * A, k]` table at once (on CPU
-    a gather costs per index, not per column).
+    Every per-run input has a leading run axis of size `R`, or 1 when shared by all runs
+    (`keys` has `R`): `q, rbar [., S, A]`, `mdp` (its arrays, `discount` a `[.]` vector),
+    `lam, gamma_bar [.]`. Tables are per environment (`G = N`) when `per_env`, else summed
+    (`G = 1`): `rewards, leader_reward [R, G, S, A]`, `initial [R, G, S]`, `transitions
+    [R, G, S, A, B]` (sparse `probs`) or `[R, G, S, A, S]` (dense).
+
+    All runs' environments are lanes of one `[T, R * N]` layout: the rollout and both
+    recurrences are single time loops over all lanes, per-(s, a) statistics are sums keyed by
+    `(run, env, s, a)` and lookups gather from flattened per-run tables at per-lane offsets, so
+    under `vmap` (see `_paper_estimate`) nothing is transposed or re-indexed per step. The
+    cotangents of `initial` and of the transitions are computed apart from those of the rewards:
+    when the model's `mu` and `P` do not depend on `x`, the reverse pass never reads them and
+    XLA drops their computation.
     """
-    S, A = ctx.shape
-    dtype = ctx.rbar.dtype
+    S, A = q.shape[-2:]
+    SA = S * A
+    dtype = q.dtype
+    num_runs = keys.shape[0]
+    lanes = num_runs * num_envs
+    groups = num_envs if per_env else 1
+    run = jnp.arange(lanes, dtype=jnp.int32) // num_envs                 # [L]
+    group = run * groups + (jnp.arange(lanes, dtype=jnp.int32) % num_envs if per_env else 0)
+
+    def per_lane(value):
+        """A per-run scalar `[.]` as a `[L]` vector (or a scalar when shared)."""
+        value = jnp.asarray(value, dtype)
+        return value[0] if value.shape[0] == 1 else value[run]
+
+    def lookup(table, index):
+        """`table[run, index]` for a per-run table `[., K, ...]` and `index [T, L]`."""
+        flat, offset = run_rows(materialize(table), run, num_runs)
+        return flat[offset + index]
+
+    def sums(index, columns, size):
+        """`[R, G, size, k]` sums of `columns [T, L]` keyed by (run, group, index)."""
+        data = jnp.stack(columns, -1).reshape(-1, len(columns))
+        keys_ = (group * size + index).reshape(-1)
+        out = jax.ops.segment_sum(data, keys_, num_segments=num_runs * groups * size)
+        return out.reshape(num_runs, groups, size, len(columns))
+
+    lam_r = jnp.asarray(lam, dtype)[:, None, None]
+    policy = soft_greedy_policy(q, lam_r)
+    v_star = lam_r[..., 0] * soft_value(q / lam_r, 1.0)                   # [., S]
+    traj = sample_runs(keys, mdp, policy, num_envs=num_envs, num_steps=num_steps,
+                       max_episode_steps=max_episode_steps, fixed_start=fixed_start)
+    traj = jax.tree_util.tree_map(lambda f: f.reshape(num_steps, lanes), traj)
     s, sn, times = traj.states, traj.next_states, traj.times
-    num_steps, num_envs = s.shape
     sa = s * A + traj.actions
     done = traj.dones.astype(dtype)
-    transitions = ctx.mdp.transitions
-    sparse = isinstance(transitions, SparseTransitions)
-    mu = ctx.mdp.initial
+    gamma_l, gamma_bar_l = per_lane(mdp.discount), per_lane(gamma_bar)
 
-    def per_sa(*columns):
-        return jnp.stack([jnp.broadcast_to(c, (S, A)).reshape(S * A) for c in columns], -1)
-
-    def sums(index, columns, segments):
-        return jax.ops.segment_sum(jnp.stack(columns, -1).reshape(-1, len(columns)), index,
-                                   num_segments=segments)
-
-    static = per_sa(ctx.rbar, ctx.keep[:, None],
-                    1.0 / jnp.where(mu > 0, mu, 1.0)[:, None])[sa]            # [T, N, 3]
-    rbar, keep, inv_mu = static[..., 0], static[..., 1], static[..., 2]
-    returns = _leader_returns(rbar, done, ctx.gamma_bar)
-    counts_returns = sums(sa.ravel(), [jnp.ones_like(returns), returns], S * A)
-    n_sa = counts_returns[:, 0].reshape(S, A)
+    returns = _leader_returns(lookup(rbar.reshape(-1, SA), sa), done, gamma_bar_l)
+    powers = jnp.asarray(gamma_bar, dtype)[:, None] ** jnp.arange(num_steps).astype(dtype)
+    disc_bar = lookup(powers, times)
+    stats = sums(sa, [jnp.ones_like(returns), returns, disc_bar], SA)   # [R, G, SA, 3]
+    totals = stats.sum(1).reshape(num_runs, S, A, 3)
+    n_sa, return_sums, disc_sums = totals[..., 0], totals[..., 1], totals[..., 2]
     n_s = n_sa.sum(-1)
-    qbar_hat = counts_returns[:, 1].reshape(S, A) / jnp.maximum(n_sa, 1.0)
-    vbar_hat = counts_returns[:, 1].reshape(S, A).sum(-1) / jnp.maximum(n_s, 1.0)
-    leader_adv = qbar_hat - vbar_hat[:, None] if baseline == "advantage" else qbar_hat
-    episodes = jnp.maximum(jnp.sum(done), 1.0)
-    disc_bar = ctx.gamma_bar ** times.astype(dtype)
+    qbar_hat = return_sums / jnp.maximum(n_sa, 1.0)
+    vbar_hat = return_sums.sum(-1) / jnp.maximum(n_s, 1.0)                # [R, S]
+    leader_adv = qbar_hat - vbar_hat[..., None] if baseline == "advantage" else qbar_hat
+    episodes = jnp.maximum(done.reshape(num_steps, num_runs, num_envs).sum((0, 2)), 1.0)  # [R]
     # Response term: sum over steps of W(s, a) [dQ_hat(s, a) - dV_hat(s)], each average expanded
     # over the visits it averages, then over the steps of each visit's return (a recurrence).
-    w_step = disc_bar * leader_adv.reshape(S * A)[sa]
-    w_table = sums(sa.ravel(), [w_step], S * A)[:, 0].reshape(S, A) / (ctx.lam * episodes)
+    # W(s, a) = Abar_hat(s, a) sum of gammabar^tau over the visits of (s, a) / (lam E).
+    w_table = leader_adv * disc_sums / (lam_r * episodes[:, None, None])
     w_state = w_table.sum(-1)
-    beta = per_sa(w_table / jnp.maximum(n_sa, 1.0)
-                  - (w_state / jnp.maximum(n_s, 1.0))[:, None])[sa][..., 0]
+    beta_table = (w_table / jnp.maximum(n_sa, 1.0)
+                  - (w_state / jnp.maximum(n_s, 1.0))[..., None])
     carry = jnp.concatenate([jnp.zeros_like(done[:1]), 1.0 - done[:-1]], axis=0)
-    alpha = _linear_recurrence(ctx.gamma * carry, beta)
+    alpha = _linear_recurrence(gamma_l * carry, lookup(beta_table.reshape(num_runs, SA), sa))
+    episodes_l = episodes[run]
+    out = {"rewards": sums(sa, [alpha], SA).reshape(num_runs, groups, S, A),
+           "leader_reward": (stats[..., 2] / episodes[:, None, None]).reshape(
+               num_runs, groups, S, A)}
+
+    start_w = (times == 0) * returns / episodes_l
+    inv_mu = 1.0 / jnp.where(mdp.initial > 0, mdp.initial, 1.0)
+    out["initial"] = sums(s, [start_w * lookup(inv_mu, s)], S)[..., 0]
 
     # Leader's continuation value after each step (for the d_x P score term).
     next_returns = jnp.concatenate([returns[1:], jnp.zeros_like(returns[:1])], axis=0)
     continues = (1.0 - done) * (jnp.arange(num_steps) < num_steps - 1)[:, None]
-    by_next = jnp.stack([ctx.v_star, vbar_hat], -1)[sn]                        # [T, N, 2]
-    next_value = continues * next_returns + (1.0 - continues) * by_next[..., 1]
-    transition_w = keep * (alpha * ctx.gamma * by_next[..., 0]
-                           + disc_bar * ctx.gamma_bar * next_value / episodes)
-    start_w = (times == 0) * returns * inv_mu / episodes
-
-    columns = [alpha, disc_bar / episodes, start_w]
-    if sparse:
+    next_value = continues * next_returns + (1.0 - continues) * lookup(vbar_hat, sn)
+    keep = 1.0 - jnp.asarray(mdp.terminal, dtype)
+    transition_w = lookup(keep, s) * (alpha * gamma_l * lookup(v_star, sn)
+                                      + disc_bar * gamma_bar_l * next_value / episodes_l)
+    transitions = mdp.transitions
+    if isinstance(transitions, SparseTransitions):
         # d_x log P(s'|s, a) spread over every stored successor equal to s'.
         branching = transitions.branching
-        rows = jnp.concatenate([transitions.indices.astype(dtype), transitions.probs],
-                               -1).reshape(S * A, 2 * branching)[sa]           # [T, N, 2B]
+        rows = jnp.concatenate([transitions.indices.astype(dtype), transitions.probs], -1)
+        rows = lookup(rows.reshape(rows.shape[0], SA, 2 * branching), sa)  # [T, L, 2B]
         match = (rows[..., :branching] == sn[..., None].astype(dtype)).astype(dtype)
         prob = jnp.sum(rows[..., branching:] * match, axis=-1)
         scale = jnp.where(prob > 0, transition_w / jnp.where(prob > 0, prob, 1.0), 0.0)
-        columns += list(jnp.moveaxis(match * scale[..., None], -1, 0))
-    env_sa = (jnp.arange(num_envs)[None, :] * (S * A) + sa).ravel()
-    tables = sums(env_sa, columns, num_envs * S * A).reshape(num_envs, S, A, -1)
-    out = {"rewards": tables[..., 0], "leader_reward": tables[..., 1],
-           "initial": tables[..., 2].sum(-1)}
-    if sparse:
-        out["transitions"] = tables[..., 3:]
+        cot = sums(sa, list(jnp.moveaxis(match * scale[..., None], -1, 0)), SA)
+        out["transitions"] = cot.reshape(num_runs, groups, S, A, branching)
     else:
-        out["transitions"] = _per_env(ctx.transition_cot, s, traj.actions, sn, transition_w)
+        prob = lookup(transitions.reshape(transitions.shape[0], SA * S), sa * S + sn)
+        scale = jnp.where(prob > 0, transition_w / jnp.where(prob > 0, prob, 1.0), 0.0)
+        out["transitions"] = sums(sa * S + sn, [scale], SA * S).reshape(
+            num_runs, groups, S, A, S)
     return out
+
+
+def _paper_estimate(key, mdp, q, rbar, lam, gamma_bar, **options):
+    """One context's cotangent tables of the paper's estimator (dict of `[G, ...]`).
+
+    A `custom_vmap` function: unbatched it is `_paper_tables` for one run; under `vmap` (a
+    batch of runs, of contexts) its rule calls `_paper_tables` once for the whole batch, which
+    lays the runs' environments side by side as lanes of one rollout instead of letting `vmap`
+    add a run axis to every array (with transposes and per-element index arithmetic around
+    every gather, scatter and time loop). The estimate is never differentiated.
+    """
+    initial = concrete_value(mdp.initial)
+    fixed_start = (int(np.argmax(initial)) if initial is not None and initial.ndim == 1
+                   and np.max(initial) >= 1.0 else None)
+    terminal = (jnp.zeros(mdp.rewards.shape[:-1], bool) if mdp.terminal is None
+                else jnp.asarray(mdp.terminal, bool))
+    mdp = mdp.replace(discount=jnp.asarray(mdp.discount, q.dtype), terminal=terminal)
+    args = (key, mdp, q, rbar, jnp.asarray(lam, q.dtype), jnp.asarray(gamma_bar, q.dtype))
+    options = dict(options, fixed_start=fixed_start)
+
+    def tables(key, mdp, q, rbar, lam, gamma_bar):
+        return _paper_tables(key, q, rbar, mdp, lam, gamma_bar, **options)
+
+    @jax.custom_batching.custom_vmap
+    def estimate(*args):
+        one_run = [jax.tree_util.tree_map(lambda leaf: leaf[None], arg) for arg in args]
+        return jax.tree_util.tree_map(lambda t: t[0], tables(*one_run))
+
+    @estimate.def_vmap
+    def estimate_batched(axis_size, in_batched, *args):
+        runs = [jax.tree_util.tree_map(lambda leaf, batched: leaf if batched else leaf[None],
+                                       arg, flags) for arg, flags in zip(args, in_batched)]
+        if not in_batched[0]:
+            runs[0] = jnp.broadcast_to(args[0], (axis_size,) + args[0].shape)
+        out = tables(*runs)
+        return out, jax.tree_util.tree_map(lambda _: True, out)
+
+    return estimate(*args)
 
 
 def _first_episode(traj):
@@ -263,6 +345,9 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
         (every context, weighted by its probability).
       estimate_variance: also return a per-coordinate variance estimate (costs one reverse pass
         per environment instead of one in all).
+
+    The estimate is not differentiable (the paper variant is a `custom_vmap` function, so that
+    a `vmap` over runs rolls all runs out as one batch, see `_paper_estimate`).
     """
     if baseline not in BASELINES:
         raise InvalidArgumentError(f"baseline: expected one of {BASELINES}, got {baseline!r}")
@@ -293,12 +378,12 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
             rollout_horizon = max(1, math.ceil(math.log(1e-6) / math.log(float(gamma_bar))))
 
         def cotangents(mdp, q, rbar, k):
-            ctx = _Context(mdp, q, rbar, lam, gamma_bar)
             if unbiased:
-                return _unbiased_cotangents(ctx, k, num_envs, rollout_horizon, baseline)
-            traj = sample_trajectories(k, mdp, ctx.policy, num_envs=num_envs,
-                                       num_steps=num_steps, max_episode_steps=max_episode_steps)
-            return _paper_cotangents(ctx, traj, baseline)
+                return _unbiased_cotangents(_Context(mdp, q, rbar, lam, gamma_bar), k, num_envs,
+                                            rollout_horizon, baseline)
+            return _paper_estimate(k, mdp, q, rbar, lam, gamma_bar, num_envs=num_envs,
+                                   num_steps=num_steps, max_episode_steps=max_episode_steps,
+                                   baseline=baseline, per_env=estimate_variance)
 
         def per_context(context, q_prev, k):
             k_oracle, k_roll, k_level = jax.random.split(k, 3)
