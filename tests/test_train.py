@@ -159,13 +159,27 @@ def test_pbrl_gradients_stay_finite_when_float32_softmax_underflows():
 
 
 def test_batched_direct_solve_avoids_lapack_batching_and_matches_it():
-    # jaxlib's batched CPU LU deadlocked vmapped PBRL runs; batched solves use plain XLA ops.
+    # jaxlib's batched CPU LU deadlocked vmapped PBRL runs: under one or two vmaps every LAPACK
+    # call stays unbatched (one system per call, in a loop).
+    import re
     from bilevel_jax.core.linear import dense_solve
     rng = np.random.default_rng(0)
-    systems = np.eye(30)[None] - 0.99 * rng.dirichlet(np.ones(30), size=(5, 30))
-    rhs = rng.normal(size=(5, 30))
-    batched = jax.jit(jax.vmap(dense_solve))
-    assert "lapack" not in batched.lower(systems, rhs).as_text().lower()
+    systems = np.eye(30)[None] - 0.99 * rng.dirichlet(np.ones(30), size=(6, 30))
+    rhs = rng.normal(size=(6, 30))
     expected = np.linalg.solve(systems, rhs[..., None])[..., 0]
-    np.testing.assert_allclose(np.asarray(batched(systems, rhs)), expected, rtol=1e-10, atol=1e-12)
+    for batched, args, shape in (
+            (jax.jit(jax.vmap(dense_solve)), (systems, rhs), (6, 30)),
+            (jax.jit(jax.vmap(jax.vmap(dense_solve))),
+             (systems.reshape(2, 3, 30, 30), rhs.reshape(2, 3, 30)), (2, 3, 30)),
+            (jax.jit(jax.vmap(jax.vmap(dense_solve, in_axes=(None, 0)), in_axes=(0, None))),
+             (systems, rhs[:2]), None)):
+        hlo = batched.lower(*args).as_text()
+        calls = re.findall(r"custom_call @lapack_\w+.*", hlo)
+        assert calls and all('num_batch_dims = "0"' in call for call in calls), calls
+        got = np.asarray(batched(*args))
+        if shape is None:         # system i with right-hand side j
+            np.testing.assert_allclose(got, np.linalg.solve(systems[:, None], np.broadcast_to(
+                rhs[:2][None, :, :, None], (6, 2, 30, 1)))[..., 0], rtol=1e-10, atol=1e-12)
+        else:
+            np.testing.assert_allclose(got, expected.reshape(shape), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(np.asarray(dense_solve(systems[0], rhs[0])), expected[0], rtol=1e-10)

@@ -76,13 +76,30 @@ def _eliminate(system: Array, rhs: Array) -> Array:
 
 @jax.custom_batching.custom_vmap
 def dense_solve(system: Array, rhs: Array) -> Array:
-    """`system^{-1} rhs` by LAPACK; batched (under `vmap`) by `_eliminate`.
+    """`system^{-1} rhs` by LAPACK; batched (under `vmap`) one LAPACK solve after another on CPU,
+    by `_eliminate` elsewhere.
 
     jaxlib's batched CPU LU (`ParallelBatchMap` over a thread pool) deadlocks when it runs inside
     XLA's own parallel work (seen with vmapped PBRL on Four-Rooms: threads parked in
-    `lapack_sgetrf_ffi`); plain XLA ops cannot.
+    `lapack_sgetrf_ffi`), so a batch never reaches it: on CPU, `lax.map` of unbatched solves is
+    ~2.5x faster than the elimination in XLA ops (144 systems of 104 states: 36 ms against 92).
     """
     return jnp.linalg.solve(system, rhs)
+
+
+@jax.custom_batching.custom_vmap
+def _solve_each(system: Array, rhs: Array) -> Array:
+    """`[B, S, S], [B, S] -> [B, S]`, one unbatched LAPACK solve per system."""
+    return lax.map(lambda pair: jnp.linalg.solve(*pair), (system, rhs))
+
+
+@_solve_each.def_vmap
+def _solve_each_batched(axis_size, in_batched, system, rhs):
+    # An enclosing vmap would batch the LAPACK call inside lax.map: fold its axis into B instead.
+    system = system if in_batched[0] else jnp.broadcast_to(system, (axis_size,) + system.shape)
+    rhs = rhs if in_batched[1] else jnp.broadcast_to(rhs, (axis_size,) + rhs.shape)
+    solved = _solve_each(system.reshape((-1,) + system.shape[-2:]), rhs.reshape((-1, rhs.shape[-1])))
+    return solved.reshape(rhs.shape), True
 
 
 @dense_solve.def_vmap
@@ -92,7 +109,8 @@ def _dense_solve_batched(axis_size, in_batched, system, rhs):
         system = jnp.broadcast_to(system, (axis_size,) + system.shape)
     if not rhs_batched:
         rhs = jnp.broadcast_to(rhs, (axis_size,) + rhs.shape)
-    return jax.vmap(_eliminate)(system, rhs), True
+    solved = lax.platform_dependent(system, rhs, cpu=_solve_each, default=jax.vmap(_eliminate))
+    return solved, True
 
 
 def _richardson(apply_contraction, b: Array, tol: float, max_iters: int) -> Array:
