@@ -35,6 +35,27 @@ def test_exact_ascent_increases_objective_and_metrics_have_one_row_per_iteration
     assert len(result.chunk_seconds) == 2
 
 
+@pytest.mark.parametrize("method,options,exact_objective", [
+    ("exact", {}, True), ("zero_order", {"values": "model"}, True),
+    ("zero_order", {"values": "rollout", "num_envs": 4, "num_steps": 20}, False),
+    ("amd", {"num_sweeps": 3}, False)])
+def test_tracked_objective_is_f_at_the_iterate_with_or_without_an_extra_solve(
+        problem, method, options, exact_objective):
+    """`objective[t]` is F(x_t) whether it comes from the estimator (exact F, no second solve in
+    the state) or from the loop's own warm-started solve."""
+    pb, x0 = problem
+    algo = hypergradient_ascent(method, optax.sgd(0.3), **options)
+    assert bj.estimators.make_estimator(method, **options).exact_objective is exact_objective
+    short = train(pb, algo, None, 3, jax.random.key(5), x0=x0, chunk_size=3)
+    longer = train(pb, algo, None, 4, jax.random.key(5), x0=x0, chunk_size=4)
+    assert ("objective_q" in short.state) is not exact_objective
+    assert not np.allclose(short.state["x"], x0)
+    np.testing.assert_allclose(longer.metrics["objective"][3],
+                               float(bj.leader_objective(pb, short.state["x"])), rtol=1e-5)
+    np.testing.assert_allclose(longer.metrics["objective"][0],
+                               float(bj.leader_objective(pb, x0)), rtol=1e-5)
+
+
 def test_chunking_does_not_change_results_and_same_seed_repeats(problem):
     pb, x0 = problem
     algo = hypergradient_ascent("hpgd", optax.sgd(0.1), num_envs=8, num_steps=50)

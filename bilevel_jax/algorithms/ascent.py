@@ -16,16 +16,18 @@ def hypergradient_ascent(estimator: Estimator | str, optimizer: optax.GradientTr
     """Ascent on `F` with `estimator`'s gradients.
 
     `objective` is the exact `F(x)` at the iterate the gradient was taken at when
-    `track_objective` (one extra follower solve per iteration, to tolerance, warm-started from the
-    previous iteration's solution); otherwise the estimator's own `info["objective"]` if it has
-    one, else NaN.
+    `track_objective`: the estimator's own `info["objective"]` if it is exact
+    (`estimator.exact_objective`), else one extra follower solve per iteration, to tolerance,
+    warm-started from the previous iteration's solution. Without `track_objective` it is the
+    estimator's `info["objective"]` if it has one, else NaN.
     """
     estimator = make_estimator(estimator, **estimator_options)
+    solve_for_objective = track_objective and not estimator.exact_objective
 
     def init(problem, x0, key):
         state = {"x": x0, "opt": optimizer.init(x0), "estimator": estimator.init(problem, x0),
                  "key": key, "step": jnp.zeros((), jnp.int32)}
-        if track_objective:
+        if solve_for_objective:
             state["objective_q"] = zero_q(problem, x0)
         return state
 
@@ -38,7 +40,7 @@ def hypergradient_ascent(estimator: Estimator | str, optimizer: optax.GradientTr
         new_x = optax.apply_updates(x, updates)
         new_state = {"x": new_x, "opt": opt_state, "estimator": est_state, "key": key,
                      "step": state["step"] + 1}
-        if track_objective:
+        if solve_for_objective:
             objective, (q, _, _) = objective_and_q(problem, x, state["objective_q"], {})
             new_state["objective_q"] = jax.lax.stop_gradient(q)
         else:

@@ -27,10 +27,15 @@ from bilevel_jax.problem import BilevelProblem, check_problem
 
 
 class Estimator(NamedTuple):
-    """`init(problem, x) -> state`; `update(problem, x, state, key) -> (grad, state, info)`."""
+    """`init(problem, x) -> state`; `update(problem, x, state, key) -> (grad, state, info)`.
+
+    `exact_objective`: `info["objective"]` is the exact `F(x)` (followers solved to the default
+    tolerance), so a training loop that reports `F` need not solve again.
+    """
 
     init: Callable[[BilevelProblem, Any], Any]
     update: Callable[[BilevelProblem, Any, Any, jax.Array], tuple[Any, Any, dict]]
+    exact_objective: bool = False
 
 
 _REGISTRY: dict[str, Callable[..., Estimator]] = {}

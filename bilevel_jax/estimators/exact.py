@@ -36,7 +36,7 @@ def zero_q(problem, x):
     return jnp.zeros(rewards.shape, rewards.dtype)
 
 
-def _gradient_estimator(solver_options, warm_start):
+def _gradient_estimator(solver_options, warm_start, exact_objective=False):
     def init(problem, x):
         return {"q": zero_q(problem, x)}
 
@@ -49,14 +49,14 @@ def _gradient_estimator(solver_options, warm_start):
                 "sweeps": jnp.sum(sweeps), "samples": jnp.zeros((), jnp.int32)}
         return grad, {"q": jax.lax.stop_gradient(q)}, info
 
-    return Estimator(init, update)
+    return Estimator(init, update, exact_objective)
 
 
 def exact(*, tol: float | None = None, max_iters: int = 100_000, linear_solver="auto",
           warm_start: bool = True) -> Estimator:
     """Implicit-differentiation hypergradient; follower solves warm-started across steps."""
     return _gradient_estimator(dict(tol=tol, max_iters=max_iters, linear_solver=linear_solver),
-                               warm_start)
+                               warm_start, exact_objective=tol is None)
 
 
 def unrolled(*, num_sweeps: int = 50, warm_start: bool = False) -> Estimator:

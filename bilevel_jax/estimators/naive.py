@@ -74,7 +74,7 @@ def naive(*, tol: float | None = None, max_iters: int = 100_000, linear_solver="
                 "sweeps": jnp.sum(sweeps), "samples": jnp.zeros((), jnp.int32)}
         return grad, {"q": jax.lax.stop_gradient(q)}, info
 
-    return Estimator(init, update)
+    return Estimator(init, update, exact_objective=tol is None)
 
 
 register("naive", naive)

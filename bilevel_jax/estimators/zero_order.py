@@ -6,10 +6,8 @@
 value by one linear solve) or a Monte-Carlo estimate from rollouts of the follower's policy
 (`values="rollout"`).
 
-With exact values, each evaluation solves every context in turn (`lax.map`, not `vmap`): a
-batched dense solve runs as plain XLA elimination (see `core.linear.dense_solve`), several times
-slower than one LAPACK solve per context, and each follower's sweeps stop at its own
-tolerance. `F(x)` warm-starts from the previous step's solutions; the shifted points
+With exact values, each evaluation solves every context in turn (`lax.map`, not `vmap`), so each
+follower's sweeps stop at its own tolerance rather than at the slowest context's. `F(x)` warm-starts from the previous step's solutions; the shifted points
 `x + u z_j` from the fresh solutions at `x`, which are closer.
 """
 
@@ -108,7 +106,7 @@ def zero_order(*, smoothing: float = 0.1, num_directions: int = 1, decay: bool =
                 "follower_residual": jnp.zeros((), x_flat.dtype)}
         return unravel(grad), {"step": step, "q": jax.lax.stop_gradient(q)}, info
 
-    return Estimator(init, update)
+    return Estimator(init, update, exact_objective=values == "model")
 
 
 register("zero_order", zero_order)
