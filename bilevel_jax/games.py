@@ -41,6 +41,7 @@ from jax.flatten_util import ravel_pytree
 from jax.scipy.special import xlogy
 
 from bilevel_jax.core.evaluation import policy_evaluation
+from bilevel_jax.core.linear import dense_solve
 from bilevel_jax.core.mdp import TabularMDP, _check_distribution
 from bilevel_jax.core.soft_vi import check_temperature, soft_value_iteration
 from bilevel_jax.errors import InvalidArgumentError, InvalidMDPError
@@ -480,35 +481,6 @@ def _shapley_map(z, params):
     return _stage_value(q, lmu, lnu, lam), lmu_new, lnu_new
 
 
-def _pivoted_solve(matrix: Array, rhs: Array) -> Array:
-    """`matrix^{-1} rhs` (`[n, n]`, `[n]`) by Gaussian elimination with partial pivoting in plain
-    XLA ops.
-
-    Not `jnp.linalg.solve`: under `vmap` (the runner batches runs) that becomes jaxlib's batched
-    CPU LU, which can deadlock inside XLA's parallel work (see `core.linear.dense_solve`). Unlike
-    `I - gamma P_pi`, `I - dT/dz` is not diagonally dominant (its policy blocks scale like
-    `|Q| / lam`), hence the row pivoting. `O(n^3)`, `n` steps of `O(n^2)`.
-    """
-    size = matrix.shape[-1]
-    rows = jnp.arange(size)
-
-    def forward(k, carry):
-        a, b = carry
-        pivot = jnp.argmax(jnp.where(rows >= k, jnp.abs(a[:, k]), -1.0))
-        order = jnp.where(rows == k, pivot, jnp.where(rows == pivot, k, rows))
-        a, b = a[order], b[order]
-        factors = jnp.where(rows > k, a[:, k] / a[k, k], 0.0)
-        return a - factors[:, None] * a[k][None, :], b - factors * b[k]
-
-    upper, y = lax.fori_loop(0, size, forward, (matrix, rhs))
-
-    def backward(i, x):
-        k = size - 1 - i
-        return x.at[k].set((y[k] - jnp.dot(jnp.where(rows > k, upper[k], 0.0), x)) / upper[k, k])
-
-    return lax.fori_loop(0, size, backward, jnp.zeros_like(rhs))
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _implicit_equilibrium(cfg: _SolverConfig, params, init):
     return _shapley_sweeps(params, init, cfg)
@@ -524,7 +496,8 @@ def _implicit_equilibrium_bwd(cfg, saved, cotangents):
     `params_bar = w^T dT/dparams`.
 
     `dT/dz` is formed densely by `jacfwd` (`n = S (1 + A + B)` tangents of `T`, each
-    `O(S^2 A B)`), then one pivoted elimination (`O(n^3)`): for `S = 10`, `A = B = 3`, `n = 70`. The
+    `O(S^2 A B)`), then one dense solve (`core.linear.dense_solve`, `O(n^3)`): for `S = 10`,
+    `A = B = 3`, `n = 70`. The
     cotangents of `residual` and `sweeps` are ignored (they are diagnostics), and the warm start
     gets a zero cotangent (the fixed point does not depend on it).
     """
@@ -538,7 +511,7 @@ def _implicit_equilibrium_bwd(cfg, saved, cotangents):
 
     jac = jax.jacfwd(flat_map)(flat_z, params)
     eye = jnp.eye(flat_z.shape[0], dtype=jac.dtype)
-    w = _pivoted_solve((eye - jac).T, g.astype(jac.dtype))
+    w = dense_solve((eye - jac).T, g.astype(jac.dtype))
     _, vjp = jax.vjp(lambda p: flat_map(flat_z, p), params)
     (params_bar,) = vjp(w.astype(flat_z.dtype))
     return params_bar, jax.tree_util.tree_map(jnp.zeros_like, z)
@@ -606,8 +579,8 @@ def solve_game_equilibrium(game: TabularGame, temperature, num_iters: int = 500,
     `S = 10`, `A = B = 3`), independent of the number of sweeps. Measured on the 2-core CPU
     machine (float64, `jit`, under load): `S = 8`, `A = B = 3` (`n = 56`): backward about 2 ms
     beside 19 ms for a cold forward solve to 1e-10; `S = 30`, `A = B = 4` (`n = 270`): about
-    105 ms beside 56 ms (the `O(n^3)` elimination dominates; use a matrix-free adjoint for
-    larger games). Gradients reach `rewards`,
+    105 ms beside 56 ms (the `O(n^3)` elimination dominates; measured when the solve was a
+    plain-XLA elimination, now LAPACK on CPU; use a matrix-free adjoint for larger games). Gradients reach `rewards`,
     `transitions`, `discount`, `temperature` (and through `rewards`/`transitions` an incentive
     `x`); none reach `init` or `initial` (the equilibrium does not depend on them). Exact to
     the solver's accuracy (the backward pass linearizes at the returned point). Reverse mode only

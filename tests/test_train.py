@@ -179,6 +179,17 @@ def test_pbrl_gradients_stay_finite_when_float32_softmax_underflows():
     assert bool(jnp.all(jnp.isfinite(g)))
 
 
+def test_xla_elimination_pivots():
+    # The batched solve off CPU: exact where a zero sits on the diagonal (pivoting needed).
+    from bilevel_jax.core.linear import _eliminate
+    rng = np.random.default_rng(1)
+    system = rng.normal(size=(7, 7))
+    system[0, 0] = 0.0
+    rhs = rng.normal(size=7)
+    np.testing.assert_allclose(np.asarray(jax.jit(_eliminate)(system, rhs)),
+                               np.linalg.solve(system, rhs), rtol=1e-9, atol=1e-12)
+
+
 def test_batched_direct_solve_avoids_lapack_batching_and_matches_it():
     # jaxlib's batched CPU LU deadlocked vmapped PBRL runs: under one or two vmaps every LAPACK
     # call stays unbatched (one system per call, in a loop).

@@ -36,7 +36,11 @@ def zero_q(problem, x):
     return jnp.zeros(rewards.shape, rewards.dtype)
 
 
-def _gradient_estimator(solver_options, warm_start, exact_objective=False):
+def gradient_estimator(objective, warm_start: bool, exact_objective: bool = False) -> Estimator:
+    """The estimator that returns `grad_x` of `objective(problem, x, init_q) -> (value, (q,
+    residual, sweeps))`, warm-starting the follower solves at the previous step's `q` when
+    `warm_start`."""
+
     def init(problem, x):
         return {"q": zero_q(problem, x)}
 
@@ -44,7 +48,7 @@ def _gradient_estimator(solver_options, warm_start, exact_objective=False):
         del key
         init_q = jax.lax.stop_gradient(state["q"]) if warm_start else jnp.zeros_like(state["q"])
         (value, (q, residual, sweeps)), grad = jax.value_and_grad(
-            lambda x: objective_and_q(problem, x, init_q, solver_options), has_aux=True)(x)
+            lambda x: objective(problem, x, init_q), has_aux=True)(x)
         info = {"objective": value, "follower_residual": jnp.max(residual),
                 "sweeps": jnp.sum(sweeps), "samples": jnp.zeros((), jnp.int32)}
         return grad, {"q": jax.lax.stop_gradient(q)}, info
@@ -55,13 +59,17 @@ def _gradient_estimator(solver_options, warm_start, exact_objective=False):
 def exact(*, tol: float | None = None, max_iters: int = 100_000, linear_solver="auto",
           warm_start: bool = True) -> Estimator:
     """Implicit-differentiation hypergradient; follower solves warm-started across steps."""
-    return _gradient_estimator(dict(tol=tol, max_iters=max_iters, linear_solver=linear_solver),
-                               warm_start, exact_objective=tol is None)
+    solver_options = dict(tol=tol, max_iters=max_iters, linear_solver=linear_solver)
+    return gradient_estimator(
+        lambda problem, x, init_q: objective_and_q(problem, x, init_q, solver_options),
+        warm_start, exact_objective=tol is None)
 
 
 def unrolled(*, num_sweeps: int = 50, warm_start: bool = False) -> Estimator:
     """Backpropagation through `num_sweeps` soft VI sweeps (from zeros, or warm-started)."""
-    return _gradient_estimator(dict(num_sweeps=num_sweeps, differentiation="unroll"), warm_start)
+    solver_options = dict(num_sweeps=num_sweeps, differentiation="unroll")
+    return gradient_estimator(
+        lambda problem, x, init_q: objective_and_q(problem, x, init_q, solver_options), warm_start)
 
 
 register("exact", exact)

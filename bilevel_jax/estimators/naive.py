@@ -26,7 +26,7 @@ from bilevel_jax.core.linear import METHODS
 from bilevel_jax.core.soft_vi import soft_value_iteration
 from bilevel_jax.errors import InvalidArgumentError
 from bilevel_jax.estimators.base import Estimator, check_positive_ints, register
-from bilevel_jax.estimators.exact import zero_q
+from bilevel_jax.estimators.exact import gradient_estimator
 from bilevel_jax.problem import map_contexts
 
 
@@ -60,21 +60,10 @@ def naive(*, tol: float | None = None, max_iters: int = 100_000, linear_solver="
     if tol is not None and not tol > 0:
         raise InvalidArgumentError(f"tol: expected a number > 0 or None, got {tol!r}")
     solver_options = dict(tol=tol, max_iters=max_iters)
-
-    def init(problem, x):
-        return {"q": zero_q(problem, x)}
-
-    def update(problem, x, state, key=None):
-        del key
-        init_q = jax.lax.stop_gradient(state["q"]) if warm_start else jnp.zeros_like(state["q"])
-        (value, (q, residual, sweeps)), grad = jax.value_and_grad(
-            lambda x: policy_fixed_objective(problem, x, init_q, solver_options, linear_solver),
-            has_aux=True)(x)
-        info = {"objective": value, "follower_residual": jnp.max(residual),
-                "sweeps": jnp.sum(sweeps), "samples": jnp.zeros((), jnp.int32)}
-        return grad, {"q": jax.lax.stop_gradient(q)}, info
-
-    return Estimator(init, update, exact_objective=tol is None)
+    return gradient_estimator(
+        lambda problem, x, init_q: policy_fixed_objective(problem, x, init_q, solver_options,
+                                                          linear_solver),
+        warm_start, exact_objective=tol is None)
 
 
 register("naive", naive)
