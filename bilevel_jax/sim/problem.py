@@ -1,0 +1,238 @@
+"""Bilevel problems whose followers act in a simulator (SPEC 9).
+
+The follower acts in a gymnax environment whose params depend on the leader's `x` and the
+context `xi`; its reward and the leader's are functions of `x`, `xi` and the transition, and
+`log p_x(s' | s, a)` (optional) gives the score terms where `x` enters the dynamics. No tabular
+model is needed: every quantity is an expectation over rollouts (`bilevel_jax.sim.rollout`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from gymnax.environments.environment import Environment
+
+from bilevel_jax.errors import BilevelJaxError
+from bilevel_jax.sim import spaces
+
+Array = jax.Array
+
+
+class InvalidSimulatorError(BilevelJaxError, ValueError):
+    """A `SimulatorProblem` is malformed; the message names the field and what was expected."""
+
+
+@struct.dataclass
+class Step:
+    """One transition, as the reward functions see it (leaves without batch axes).
+
+    Attributes:
+      obs, next_obs: observations before and after (`next_obs` before any auto-reset).
+      action: int `[]` (`Discrete`) or `[D]` (tuple of `Discrete`).
+      reward: the environment's own reward.
+      terminated: the episode ended in the environment (no bootstrap after it).
+      truncated: the episode was cut by a time limit (bootstrap from `next_obs`).
+      done: `terminated | truncated`.
+      time: the in-episode time of `obs` (0 at an episode's first step).
+      state, next_state: the environment states before and after (pytrees).
+    """
+
+    obs: Any
+    action: Array
+    next_obs: Any
+    reward: Array
+    terminated: Array
+    truncated: Array
+    done: Array
+    time: Array
+    state: Any
+    next_state: Any
+
+
+@struct.dataclass
+class SimulatorProblem:
+    """A leader's problem over followers that best-respond in a simulator.
+
+    Attributes:
+      env: a gymnax `Environment` (`reset_env(key, params)`, `step_env(key, state, action,
+        params)`); auto-reset is done by `bilevel_jax.sim.rollout`.
+      env_params: `(x, context) -> EnvParams`: how `x` and the context configure the world.
+      follower_reward: `(x, context, step: Step) -> scalar`.
+      leader_reward: `(x, context, step: Step) -> scalar`.
+      transition_log_prob: optional `(x, context, state, action, next_state) -> scalar`, the
+        log-density of the dynamics where `x` enters them (for score terms).
+      temperature: the followers' entropy temperature `lam > 0`.
+      discount: the follower's `gamma` in `[0, 1)`; None reads `env_params(x, context).discount`.
+      leader_discount: `gammabar` in `[0, 1)`.
+      contexts: pytree whose leaves have a leading axis `K` (None: one context, passed as None).
+      context_probs: `[K]` probabilities (None: uniform).
+      context_sampler: optional `key -> context` (instead of finite contexts).
+      max_episode_steps: time limit of the simulated episodes (None: the environment's own).
+    """
+
+    env: Environment = struct.field(pytree_node=False)
+    env_params: Callable[[Any, Any], Any] = struct.field(pytree_node=False)
+    follower_reward: Callable[[Any, Any, Step], Array] = struct.field(pytree_node=False)
+    leader_reward: Callable[[Any, Any, Step], Array] = struct.field(pytree_node=False)
+    transition_log_prob: Callable[..., Array] | None = struct.field(pytree_node=False, default=None)
+    temperature: Any = 0.1
+    discount: Any = None
+    leader_discount: Any = 0.99
+    contexts: Any = None
+    context_probs: Any = None
+    context_sampler: Callable[[Array], Any] | None = struct.field(pytree_node=False, default=None)
+    max_episode_steps: int | None = struct.field(pytree_node=False, default=None)
+
+    @property
+    def num_contexts(self) -> int:
+        if self.contexts is None:
+            return 1
+        return jax.tree_util.tree_leaves(self.contexts)[0].shape[0]
+
+    def probs(self) -> Array:
+        """`[K]` context probabilities (uniform when not given)."""
+        if self.context_probs is None:
+            return jnp.full((self.num_contexts,), 1.0 / self.num_contexts)
+        return jnp.asarray(self.context_probs)
+
+    def context(self, index) -> Any:
+        if self.contexts is None:
+            return None
+        return jax.tree_util.tree_map(lambda leaf: leaf[index], self.contexts)
+
+    def sample_context(self, key: Array) -> Any:
+        """Draws a context: by `context_probs` over `contexts`, or from `context_sampler`."""
+        if self.contexts is None and self.context_sampler is not None:
+            return self.context_sampler(key)
+        index = jax.random.choice(key, self.num_contexts, p=self.probs())
+        return self.context(index)
+
+    def follower_discount(self, x, context) -> Any:
+        if self.discount is not None:
+            return self.discount
+        return self.env_params(x, context).discount
+
+    def action_space(self, params):
+        return self.env.action_space(params)
+
+    def action_heads(self, params) -> tuple[int, ...]:
+        heads = spaces.action_heads(self.env.action_space(params))
+        if heads is None:
+            raise InvalidSimulatorError(
+                "env: expected a Discrete or Tuple-of-Discrete action space, got "
+                f"{type(self.env.action_space(params)).__name__}")
+        return heads
+
+    def is_factorized(self, params) -> bool:
+        return spaces.is_factorized(self.env.action_space(params))
+
+
+def _is_concrete(tree) -> bool:
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def _check_unit_interval(name: str, value) -> None:
+    if value is None or not _is_concrete(value):
+        return
+    gamma = np.asarray(value, dtype=np.float64)
+    if gamma.shape != () or not 0 <= gamma < 1:
+        raise InvalidSimulatorError(f"{name}: expected a scalar in [0, 1), got {value!r}")
+
+
+def check_simulator(problem: SimulatorProblem) -> None:
+    """Cheap checks (valid under tracing): types, temperature, discounts, contexts."""
+    if not isinstance(problem, SimulatorProblem):
+        raise InvalidSimulatorError(
+            f"problem: expected a SimulatorProblem, got {type(problem).__name__}")
+    if not isinstance(problem.env, Environment):
+        raise InvalidSimulatorError(
+            "env: expected a gymnax Environment (gymnax.environments.environment.Environment), "
+            f"got {type(problem.env).__name__}")
+    if _is_concrete(problem.temperature):
+        lam = np.asarray(problem.temperature, dtype=np.float64)
+        if lam.shape != () or not np.isfinite(lam) or lam <= 0:
+            raise InvalidSimulatorError(
+                f"temperature: expected a finite scalar > 0, got {problem.temperature!r}")
+    _check_unit_interval("discount", problem.discount)
+    _check_unit_interval("leader_discount", problem.leader_discount)
+    steps = problem.max_episode_steps
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise InvalidSimulatorError(f"max_episode_steps: expected an int >= 1 or None, got {steps!r}")
+    if problem.contexts is None and problem.context_probs is not None:
+        raise InvalidSimulatorError("context_probs: given without contexts; expected None")
+    if problem.contexts is not None:
+        sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None
+                 for leaf in jax.tree_util.tree_leaves(problem.contexts)}
+        if None in sizes or len(sizes) != 1:
+            raise InvalidSimulatorError(
+                f"contexts: expected every leaf to have the same leading axis K, got sizes {sizes}")
+    if problem.context_probs is not None:
+        shape = np.shape(problem.context_probs)
+        if shape != (problem.num_contexts,):
+            raise InvalidSimulatorError(
+                f"context_probs: expected shape [K] = [{problem.num_contexts}], got {shape}")
+        if _is_concrete(problem.context_probs):
+            probs = np.asarray(problem.context_probs, dtype=np.float64)
+            if np.isnan(probs).any() or (probs < 0).any() or abs(probs.sum() - 1) > 1e-5:
+                raise InvalidSimulatorError(
+                    f"context_probs: expected non-negative probabilities summing to 1, got {probs}")
+
+
+def _probe_context(problem: SimulatorProblem, key):
+    if problem.contexts is None and problem.context_sampler is not None:
+        return problem.context_sampler(key)
+    return problem.context(0)
+
+
+def _call(name: str, fn, *args):
+    try:
+        return fn(*args)
+    except BilevelJaxError:
+        raise
+    except Exception as err:  # noqa: BLE001 - re-raised with the field named
+        raise InvalidSimulatorError(f"{name}: calling it failed: {type(err).__name__}: {err}") from err
+
+
+def _finite_scalar(name: str, value) -> None:
+    arr = np.asarray(value)
+    if arr.shape != () or not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr):
+        raise InvalidSimulatorError(
+            f"{name}: expected a finite scalar, got {arr.dtype} of shape {arr.shape} "
+            f"(value {arr if arr.size <= 4 else '...'})")
+
+
+def validate_simulator(problem: SimulatorProblem, x, key: Array | None = None) -> SimulatorProblem:
+    """Eager check: `check_simulator`, then one probed transition under a uniform action.
+
+    Raises `InvalidSimulatorError` naming the field: env not a gymnax environment, rewards or
+    log-densities that are not finite scalars, discounts outside `[0, 1)`, temperature <= 0,
+    contexts whose leaves disagree in their leading axis, an action space that is not discrete.
+    """
+    check_simulator(problem)
+    key = jax.random.key(0) if key is None else key
+    k_context, k_reset, k_action, k_step = jax.random.split(key, 4)
+    context = _probe_context(problem, k_context)
+    params = _call("env_params", problem.env_params, x, context)
+    _check_unit_interval("discount", _call("discount", problem.follower_discount, x, context))
+    heads = problem.action_heads(params)
+    obs, state = _call("env.reset_env", problem.env.reset_env, k_reset, params)
+    if problem.is_factorized(params):
+        action = spaces.sample(k_action, tuple(jnp.zeros(n) for n in heads))
+    else:
+        action = jax.random.randint(k_action, (), 0, heads[0])
+    next_obs, next_state, reward, terminated, _ = _call(
+        "env.step_env", problem.env.step_env, k_step, state, action, params)
+    step = Step(obs=obs, action=action, next_obs=next_obs, reward=reward,
+                terminated=jnp.asarray(terminated), truncated=jnp.asarray(False),
+                done=jnp.asarray(terminated), time=jnp.zeros((), jnp.int32),
+                state=state, next_state=next_state)
+    _finite_scalar("follower_reward", _call("follower_reward", problem.follower_reward, x, context, step))
+    _finite_scalar("leader_reward", _call("leader_reward", problem.leader_reward, x, context, step))
+    if problem.transition_log_prob is not None:
+        _finite_scalar("transition_log_prob", _call(
+            "transition_log_prob", problem.transition_log_prob, x, context, state, action, next_state))
+    return problem
