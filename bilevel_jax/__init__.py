@@ -46,10 +46,21 @@ from bilevel_jax.envs.preference import PreferenceEnv, preference_gridworld, ran
 from bilevel_jax.preferences import (RLHFProblem, TrajectoryPairs, annotate, linear_reward_model,
                                      mlp_reward_model, preference_nll, rlhf_problem, sample_pairs)
 from bilevel_jax.estimators import Estimator, hypergradient, make_estimator
+from bilevel_jax import learners, sim
+from bilevel_jax.learners import Learner, make_learner
+from bilevel_jax.sim import InvalidSimulatorError, SimulatorProblem, as_simulator, validate_simulator
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "InvalidSimulatorError",
+    "Learner",
+    "SimulatorProblem",
+    "as_simulator",
+    "learners",
+    "make_learner",
+    "sim",
+    "validate_simulator",
     "BilevelJaxError",
     "Algorithm",
     "BilevelProblem",

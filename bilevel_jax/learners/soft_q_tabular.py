@@ -38,6 +38,7 @@ class SoftQTabularState:
 
 def _state_index(obs: Array) -> Array:
     """Integer state of an index or one-hot observation."""
+    obs = jnp.asarray(obs)
     return obs.astype(jnp.int32) if obs.ndim == 0 else jnp.argmax(obs).astype(jnp.int32)
 
 
@@ -53,7 +54,7 @@ def _num_states(problem, params) -> int:
 
 
 def soft_q_tabular(*, num_envs: int = 16, num_updates: int = 1_000, epsilon: float = 0.1,
-                   step_exponent: float = 0.6, reset_each_step: bool = False) -> Learner:
+                   step_exponent: float = 0.51, reset_each_step: bool = False) -> Learner:
     """Soft Q-learning on a table `[S, A]`; one `update` = `num_updates` steps of `num_envs`.
 
     Args:
