@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from bilevel_jax.contexts import ContextsMixin, check_contexts
 from bilevel_jax.core.evaluation import policy_evaluation
 from bilevel_jax.core.mdp import TabularMDP, validate_mdp
 from bilevel_jax.core.soft_vi import SoftVISolution, check_temperature, soft_value_iteration
@@ -29,7 +30,7 @@ class InvalidProblemError(BilevelJaxError, ValueError):
 
 
 @struct.dataclass
-class BilevelProblem:
+class BilevelProblem(ContextsMixin):
     """A leader's problem over followers that best-respond in `follower(x, context)`.
 
     Attributes:
@@ -50,31 +51,6 @@ class BilevelProblem:
     contexts: Any = None
     context_probs: Any = None
     context_sampler: Callable[[Array], Any] | None = struct.field(pytree_node=False, default=None)
-
-    @property
-    def num_contexts(self) -> int:
-        if self.contexts is None:
-            return 1
-        return jax.tree_util.tree_leaves(self.contexts)[0].shape[0]
-
-    def probs(self) -> Array:
-        """`[K]` context probabilities (uniform when not given)."""
-        if self.context_probs is None:
-            return jnp.full((self.num_contexts,), 1.0 / self.num_contexts)
-        return jnp.asarray(self.context_probs)
-
-    def context(self, index) -> Any:
-        """The context with index `index` (None for a context-free problem)."""
-        if self.contexts is None:
-            return None
-        return jax.tree_util.tree_map(lambda leaf: leaf[index], self.contexts)
-
-    def sample_context(self, key: Array) -> Any:
-        """Draws a context: by `context_probs` over `contexts`, or from `context_sampler`."""
-        if self.contexts is None and self.context_sampler is not None:
-            return self.context_sampler(key)
-        index = jax.random.choice(key, self.num_contexts, p=self.probs())
-        return self.context(index)
 
     def leader_mdp(self, x, context, follower_mdp: TabularMDP | None = None) -> TabularMDP:
         """The follower's MDP with the leader's reward and discount."""
@@ -102,25 +78,7 @@ def check_problem(problem: BilevelProblem, x) -> None:
         if gamma.shape != () or not 0 <= gamma < 1:
             raise InvalidProblemError(
                 f"leader_discount: expected a scalar in [0, 1), got {problem.leader_discount!r}")
-    if problem.contexts is None and problem.context_sampler is None and problem.context_probs is not None:
-        if np.shape(problem.context_probs) != (1,):
-            raise InvalidProblemError("context_probs: given without contexts; expected None")
-    if problem.contexts is not None:
-        sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None
-                 for leaf in jax.tree_util.tree_leaves(problem.contexts)}
-        if None in sizes or len(sizes) != 1:
-            raise InvalidProblemError(
-                f"contexts: expected every leaf to have the same leading axis K, got sizes {sizes}")
-    if problem.context_probs is not None:
-        shape = np.shape(problem.context_probs)
-        if shape != (problem.num_contexts,):
-            raise InvalidProblemError(
-                f"context_probs: expected shape [K] = [{problem.num_contexts}], got {shape}")
-        if _is_concrete(problem.context_probs):
-            probs = np.asarray(problem.context_probs, dtype=np.float64)
-            if np.isnan(probs).any() or (probs < 0).any() or abs(probs.sum() - 1) > 1e-5:
-                raise InvalidProblemError(
-                    f"context_probs: expected non-negative probabilities summing to 1, got {probs}")
+    check_contexts(problem, InvalidProblemError)
     context = jax.eval_shape(lambda: problem.context(0))
     try:
         mdp = jax.eval_shape(problem.follower, x, context)

@@ -16,6 +16,7 @@ import numpy as np
 from flax import struct
 from gymnax.environments.environment import Environment
 
+from bilevel_jax.contexts import ContextsMixin, check_contexts
 from bilevel_jax.errors import BilevelJaxError
 from bilevel_jax.sim import spaces
 
@@ -54,7 +55,7 @@ class Step:
 
 
 @struct.dataclass
-class SimulatorProblem:
+class SimulatorProblem(ContextsMixin):
     """A leader's problem over followers that best-respond in a simulator.
 
     Attributes:
@@ -86,30 +87,6 @@ class SimulatorProblem:
     context_probs: Any = None
     context_sampler: Callable[[Array], Any] | None = struct.field(pytree_node=False, default=None)
     max_episode_steps: int | None = struct.field(pytree_node=False, default=None)
-
-    @property
-    def num_contexts(self) -> int:
-        if self.contexts is None:
-            return 1
-        return jax.tree_util.tree_leaves(self.contexts)[0].shape[0]
-
-    def probs(self) -> Array:
-        """`[K]` context probabilities (uniform when not given)."""
-        if self.context_probs is None:
-            return jnp.full((self.num_contexts,), 1.0 / self.num_contexts)
-        return jnp.asarray(self.context_probs)
-
-    def context(self, index) -> Any:
-        if self.contexts is None:
-            return None
-        return jax.tree_util.tree_map(lambda leaf: leaf[index], self.contexts)
-
-    def sample_context(self, key: Array) -> Any:
-        """Draws a context: by `context_probs` over `contexts`, or from `context_sampler`."""
-        if self.contexts is None and self.context_sampler is not None:
-            return self.context_sampler(key)
-        index = jax.random.choice(key, self.num_contexts, p=self.probs())
-        return self.context(index)
 
     def follower_discount(self, x, context) -> Any:
         if self.discount is not None:
@@ -162,24 +139,7 @@ def check_simulator(problem: SimulatorProblem) -> None:
     steps = problem.max_episode_steps
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise InvalidSimulatorError(f"max_episode_steps: expected an int >= 1 or None, got {steps!r}")
-    if problem.contexts is None and problem.context_probs is not None:
-        raise InvalidSimulatorError("context_probs: given without contexts; expected None")
-    if problem.contexts is not None:
-        sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None
-                 for leaf in jax.tree_util.tree_leaves(problem.contexts)}
-        if None in sizes or len(sizes) != 1:
-            raise InvalidSimulatorError(
-                f"contexts: expected every leaf to have the same leading axis K, got sizes {sizes}")
-    if problem.context_probs is not None:
-        shape = np.shape(problem.context_probs)
-        if shape != (problem.num_contexts,):
-            raise InvalidSimulatorError(
-                f"context_probs: expected shape [K] = [{problem.num_contexts}], got {shape}")
-        if _is_concrete(problem.context_probs):
-            probs = np.asarray(problem.context_probs, dtype=np.float64)
-            if np.isnan(probs).any() or (probs < 0).any() or abs(probs.sum() - 1) > 1e-5:
-                raise InvalidSimulatorError(
-                    f"context_probs: expected non-negative probabilities summing to 1, got {probs}")
+    check_contexts(problem, InvalidSimulatorError)
 
 
 def _probe_context(problem: SimulatorProblem, key):
