@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bilevel_jax.checks import is_concrete
+
 Array = jax.Array
 
 
@@ -41,10 +43,6 @@ class ContextsMixin:
         return self.context(index)
 
 
-def _is_concrete(tree) -> bool:
-    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree))
-
-
 def check_contexts(problem, error: type[Exception]) -> None:
     """Raises `error` naming `contexts` or `context_probs` when they are malformed."""
     if problem.contexts is None and problem.context_sampler is None and problem.context_probs is not None:
@@ -60,7 +58,7 @@ def check_contexts(problem, error: type[Exception]) -> None:
         shape = np.shape(problem.context_probs)
         if shape != (problem.num_contexts,):
             raise error(f"context_probs: expected shape [K] = [{problem.num_contexts}], got {shape}")
-        if _is_concrete(problem.context_probs):
+        if is_concrete(problem.context_probs):
             probs = np.asarray(problem.context_probs, dtype=np.float64)
             if np.isnan(probs).any() or (probs < 0).any() or abs(probs.sum() - 1) > 1e-5:
                 raise error(

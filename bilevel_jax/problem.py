@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from bilevel_jax.checks import check_unit_interval
 from bilevel_jax.contexts import ContextsMixin, check_contexts
 from bilevel_jax.core.evaluation import policy_evaluation
 from bilevel_jax.core.mdp import TabularMDP, validate_mdp
@@ -58,10 +59,6 @@ class BilevelProblem(ContextsMixin):
         return mdp.replace(rewards=self.leader_reward(x, context), discount=self.leader_discount)
 
 
-def _is_concrete(tree) -> bool:
-    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree))
-
-
 def check_problem(problem: BilevelProblem, x) -> None:
     """Cheap checks valid under tracing (shapes) plus value checks of concrete fields.
 
@@ -73,11 +70,7 @@ def check_problem(problem: BilevelProblem, x) -> None:
         check_temperature(problem.temperature)
     except ValueError as err:
         raise InvalidProblemError(str(err)) from None
-    if _is_concrete(problem.leader_discount):
-        gamma = np.asarray(problem.leader_discount, dtype=np.float64)
-        if gamma.shape != () or not 0 <= gamma < 1:
-            raise InvalidProblemError(
-                f"leader_discount: expected a scalar in [0, 1), got {problem.leader_discount!r}")
+    check_unit_interval("leader_discount", problem.leader_discount, InvalidProblemError)
     check_contexts(problem, InvalidProblemError)
     context = jax.eval_shape(lambda: problem.context(0))
     try:

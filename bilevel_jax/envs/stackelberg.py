@@ -40,6 +40,7 @@ import numpy as np
 from flax import struct
 from jax import lax
 
+from bilevel_jax.checks import is_concrete
 from bilevel_jax.core.evaluation import policy_evaluation
 from bilevel_jax.core.mdp import TabularMDP, _check_distribution
 from bilevel_jax.core.soft_vi import check_temperature, soft_value_iteration
@@ -125,10 +126,6 @@ def check_game_shapes(game: GeneralSumGame) -> None:
                 f"terminal: expected dtype bool, got {jnp.asarray(game.terminal).dtype}")
 
 
-def _is_concrete(tree) -> bool:
-    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree))
-
-
 def validate_general_sum_game(game: GeneralSumGame) -> GeneralSumGame:
     """Checks a game eagerly (outside `jit`) and returns it unchanged.
 
@@ -137,7 +134,7 @@ def validate_general_sum_game(game: GeneralSumGame) -> GeneralSumGame:
     `initial` not summing to 1 (rows of terminal states may also be all zero).
     """
     check_game_shapes(game)
-    if not _is_concrete(game):
+    if not is_concrete(game):
         raise InvalidMDPError(
             "validate_general_sum_game checks values and must run outside jit (got traced fields)")
     for name in ("leader_rewards", "follower_rewards"):
@@ -365,19 +362,19 @@ def stackelberg_problem(game: GeneralSumGame, temperature, leader_discount=None,
       InvalidProblemError: leader_discount outside `[0, 1)`.
     """
     check_game_shapes(game)
-    if _is_concrete(game):
+    if is_concrete(game):
         validate_general_sum_game(game)
     check_temperature(temperature)
     dtype = jnp.result_type(game.leader_rewards.dtype, float)
     game = game.replace(discount=jnp.asarray(game.discount, dtype))
     if leader_discount is None:
         leader_discount = game.discount
-    elif _is_concrete(leader_discount):
+    elif is_concrete(leader_discount):
         gamma_bar = np.asarray(leader_discount, dtype=np.float64)
         if gamma_bar.shape != () or not 0 <= gamma_bar < 1:
             raise InvalidProblemError(
                 f"leader_discount: expected a scalar in [0, 1), got {leader_discount!r}")
-    if _is_concrete(leader_entropy):
+    if is_concrete(leader_entropy):
         tau = np.asarray(leader_entropy, dtype=np.float64)
         if tau.shape != () or not np.isfinite(tau) or tau < 0:
             raise InvalidArgumentError(

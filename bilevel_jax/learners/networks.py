@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
+
+from bilevel_jax.core.soft_vi import soft_value as core_soft_value
 
 
 def _orthogonal(scale: float):
@@ -70,8 +71,6 @@ class ValueNet(nn.Module):
 
 def soft_value(logits_or_q, temperature):
     """`lam logsumexp(Q / lam)`, summed over heads for a factorized Q."""
-    def head(q):
-        return temperature * jax.nn.logsumexp(q / temperature, axis=-1)
     if isinstance(logits_or_q, (tuple, list)):
-        return sum(head(q) for q in logits_or_q)
-    return head(logits_or_q)
+        return sum(core_soft_value(q, temperature) for q in logits_or_q)
+    return core_soft_value(logits_or_q, temperature)

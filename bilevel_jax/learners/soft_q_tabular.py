@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
+from bilevel_jax.core.soft_vi import soft_value
 from bilevel_jax.errors import InvalidArgumentError
 from bilevel_jax.learners.base import Learner, all_finite, check_options, register
 from bilevel_jax.sim import spaces
@@ -92,7 +93,7 @@ def soft_q_tabular(*, num_envs: int = 16, num_updates: int = 1_000, epsilon: flo
             reward, _ = step_rewards(problem, x, context, step)
             s = jax.vmap(_state_index)(step.obs)
             s_next = jax.vmap(_state_index)(step.next_obs)
-            v_next = lam * jax.nn.logsumexp(state.q[s_next] / lam, axis=-1)
+            v_next = soft_value(state.q[s_next], lam)
             target = reward + gamma * (1.0 - step.terminated) * v_next
             td = target.astype(state.q.dtype) - state.q[s, step.action]
             hits = jnp.zeros_like(state.counts).at[s, step.action].add(1.0)
@@ -110,8 +111,7 @@ def soft_q_tabular(*, num_envs: int = 16, num_updates: int = 1_000, epsilon: flo
         return state.q[_state_index(obs)] / state.temperature
 
     def value(state, obs):
-        lam = state.temperature
-        return lam * jax.nn.logsumexp(state.q[_state_index(obs)] / lam)
+        return soft_value(state.q[_state_index(obs)], state.temperature)
 
     return Learner(init=init, update=update, policy=policy, value=value,
                    reset_each_step=reset_each_step)

@@ -16,6 +16,7 @@ import numpy as np
 from flax import struct
 from gymnax.environments.environment import Environment
 
+from bilevel_jax.checks import check_unit_interval, is_concrete
 from bilevel_jax.contexts import ContextsMixin, check_contexts
 from bilevel_jax.errors import BilevelJaxError
 from bilevel_jax.sim import spaces
@@ -108,18 +109,6 @@ class SimulatorProblem(ContextsMixin):
         return spaces.is_factorized(self.env.action_space(params))
 
 
-def _is_concrete(tree) -> bool:
-    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree))
-
-
-def _check_unit_interval(name: str, value) -> None:
-    if value is None or not _is_concrete(value):
-        return
-    gamma = np.asarray(value, dtype=np.float64)
-    if gamma.shape != () or not 0 <= gamma < 1:
-        raise InvalidSimulatorError(f"{name}: expected a scalar in [0, 1), got {value!r}")
-
-
 def check_simulator(problem: SimulatorProblem) -> None:
     """Cheap checks (valid under tracing): types, temperature, discounts, contexts."""
     if not isinstance(problem, SimulatorProblem):
@@ -129,13 +118,13 @@ def check_simulator(problem: SimulatorProblem) -> None:
         raise InvalidSimulatorError(
             "env: expected a gymnax Environment (gymnax.environments.environment.Environment), "
             f"got {type(problem.env).__name__}")
-    if _is_concrete(problem.temperature):
+    if is_concrete(problem.temperature):
         lam = np.asarray(problem.temperature, dtype=np.float64)
         if lam.shape != () or not np.isfinite(lam) or lam <= 0:
             raise InvalidSimulatorError(
                 f"temperature: expected a finite scalar > 0, got {problem.temperature!r}")
-    _check_unit_interval("discount", problem.discount)
-    _check_unit_interval("leader_discount", problem.leader_discount)
+    check_unit_interval("discount", problem.discount, InvalidSimulatorError)
+    check_unit_interval("leader_discount", problem.leader_discount, InvalidSimulatorError)
     steps = problem.max_episode_steps
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise InvalidSimulatorError(f"max_episode_steps: expected an int >= 1 or None, got {steps!r}")
@@ -177,7 +166,8 @@ def validate_simulator(problem: SimulatorProblem, x, key: Array | None = None) -
     k_context, k_reset, k_action, k_step = jax.random.split(key, 4)
     context = _probe_context(problem, k_context)
     params = _call("env_params", problem.env_params, x, context)
-    _check_unit_interval("discount", _call("discount", problem.follower_discount, x, context))
+    check_unit_interval("discount", _call("discount", problem.follower_discount, x, context),
+                        InvalidSimulatorError)
     heads = problem.action_heads(params)
     obs, state = _call("env.reset_env", problem.env.reset_env, k_reset, params)
     if problem.is_factorized(params):

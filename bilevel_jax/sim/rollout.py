@@ -13,6 +13,7 @@ there is one rollout, not a copy per learner.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -38,33 +39,21 @@ class RolloutCarry:
 
 
 @struct.dataclass
-class Trajectory:
-    """`[T, N]` transitions of a rollout (leading axes time, environment).
+class Trajectory(Step):
+    """`[T, N]` transitions of a rollout (leading axes time, environment): the `Step` fields, and
 
-    `follower_reward` and `leader_reward` are the problem's rewards at `x`; `reward` is the
-    environment's own. `state` / `next_state` hold the env states (None unless `keep_states`).
+    `follower_reward`, `leader_reward`: the problem's rewards at `x` (`reward` is the
+    environment's own). `state` / `next_state` hold the env states (None unless `keep_states`).
     `final` is where the environments stand after the last step (pass it as `start` to go on).
     """
 
-    obs: Any
-    action: Array
-    next_obs: Any
-    reward: Array
     follower_reward: Array
     leader_reward: Array
-    terminated: Array
-    truncated: Array
-    done: Array
-    time: Array
-    state: Any
-    next_state: Any
     final: RolloutCarry
 
     def steps(self) -> Step:
-        """The transitions as a `Step` pytree with `[T, N]` leading axes."""
-        return Step(obs=self.obs, action=self.action, next_obs=self.next_obs, reward=self.reward,
-                    terminated=self.terminated, truncated=self.truncated, done=self.done,
-                    time=self.time, state=self.state, next_state=self.next_state)
+        """The transitions as a plain `Step` pytree with `[T, N]` leading axes."""
+        return Step(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Step)})
 
 
 def reset(key: Array, problem: SimulatorProblem, params, num_envs: int) -> RolloutCarry:
@@ -116,10 +105,16 @@ def env_step(key: Array, problem: SimulatorProblem, params, policy: Policy,
     return new_carry, step
 
 
+def _flatten(steps: Step) -> tuple[Step, tuple[int, ...]]:
+    """`steps` with its leading axes (those of `time`) folded into one, and those axes."""
+    batch_shape = steps.time.shape
+    flat = jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[len(batch_shape):]), steps)
+    return flat, batch_shape
+
+
 def step_rewards(problem: SimulatorProblem, x, context, steps: Step) -> tuple[Array, Array]:
     """`(follower_reward, leader_reward)` at every transition of `steps` (any leading axes)."""
-    batch_shape = steps.action.shape[:steps.time.ndim]
-    flat = jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[len(batch_shape):]), steps)
+    flat, batch_shape = _flatten(steps)
     follower = jax.vmap(problem.follower_reward, (None, None, 0))(x, context, flat)
     leader = jax.vmap(problem.leader_reward, (None, None, 0))(x, context, flat)
     return follower.reshape(batch_shape), leader.reshape(batch_shape)
@@ -130,8 +125,7 @@ def transition_log_probs(problem: SimulatorProblem, x, context, steps: Step) -> 
     if problem.transition_log_prob is None:
         raise InvalidArgumentError(
             "transition_log_prob: this method needs it (x enters the dynamics), got None")
-    batch_shape = steps.action.shape[:steps.time.ndim]
-    flat = jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[len(batch_shape):]), steps)
+    flat, batch_shape = _flatten(steps)
     logp = jax.vmap(problem.transition_log_prob, (None, None, 0, 0, 0))(
         x, context, flat.state, flat.action, flat.next_state)
     return logp.reshape(batch_shape)
@@ -167,11 +161,8 @@ def rollout(key: Array, problem: SimulatorProblem, x, context, policy: Policy, n
     follower_reward, leader_reward = step_rewards(problem, lax.stop_gradient(x), context, steps)
     if not keep_states:
         steps = steps.replace(state=None, next_state=None)
-    return Trajectory(obs=steps.obs, action=steps.action, next_obs=steps.next_obs,
-                      reward=steps.reward, follower_reward=follower_reward,
-                      leader_reward=leader_reward, terminated=steps.terminated,
-                      truncated=steps.truncated, done=steps.done, time=steps.time,
-                      state=steps.state, next_state=steps.next_state, final=final)
+    return Trajectory(**{f.name: getattr(steps, f.name) for f in dataclasses.fields(Step)},
+                      follower_reward=follower_reward, leader_reward=leader_reward, final=final)
 
 
 def discounted_returns(rewards: Array, done: Array, discount, bootstrap: Array | None = None) -> Array:
