@@ -45,3 +45,25 @@ def assert_rel_close(actual, expected, rtol=1e-6, atol_scale=1e-9, err_msg=""):
     scale = float(np.max(np.abs(expected))) if expected.size else 0.0
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol_scale * scale,
                                err_msg=err_msg)
+
+
+def numpy_mdp(mdp: bj.TabularMDP):
+    """`(P [S, A, S], r [S, A], gamma, mu [S], terminal [S] or None)` in NumPy float64."""
+    P = mdp.transitions.todense() if mdp.is_sparse else mdp.transitions
+    terminal = None if mdp.terminal is None else np.asarray(mdp.terminal, bool)
+    return (np.asarray(P, np.float64), np.asarray(mdp.rewards, np.float64), float(mdp.discount),
+            np.asarray(mdp.initial, np.float64), terminal)
+
+
+def soft_optimal_kl(mdp: bj.TabularMDP, temperature: float, logits) -> float:
+    """`sum_s d*(s) KL(pi*(.|s) || pi(.|s))` with `d*` the soft-optimal policy's discounted
+    visitation normalized to a distribution and `pi = softmax(logits [S, A])`; everything from
+    the NumPy float64 reference."""
+    from reference import logsumexp, soft_value_iteration, visitation as ref_visitation
+    P, r, gamma, mu, terminal = numpy_mdp(mdp)
+    _, _, pi_star = soft_value_iteration(P, r, gamma, temperature, terminal, tol=1e-10)
+    d_star = ref_visitation(P, gamma, pi_star, mu, terminal)
+    logits = np.asarray(logits, np.float64)
+    log_pi = logits - logsumexp(logits)[:, None]
+    kl = np.sum(pi_star * (np.log(pi_star) - log_pi), axis=-1)
+    return float(np.dot(d_star, kl) / d_star.sum())

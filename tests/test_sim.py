@@ -17,6 +17,7 @@ import bilevel_jax as bj
 from bilevel_jax import sim
 from bilevel_jax.envs.random_mdp import random_bilevel_problem
 import reference as ref
+from helpers import numpy_mdp, soft_optimal_kl
 
 SE = 4.0  # tolerance in standard errors of every statistical check
 
@@ -25,12 +26,6 @@ def _problem(terminal: bool, transition_dependent: bool = True, sparse: bool = F
     return random_bilevel_problem(3, num_states=6, num_actions=3, dim_x=4, num_terminal=int(terminal),
                                   branching=3 if sparse else None, sparse=sparse,
                                   transition_dependent=transition_dependent, temperature=0.5)
-
-
-def _numpy_mdp(mdp):
-    P = np.asarray(mdp.transitions.todense() if mdp.is_sparse else mdp.transitions, np.float64)
-    term = None if mdp.terminal is None else np.asarray(mdp.terminal)
-    return P, np.asarray(mdp.rewards, np.float64), float(mdp.discount), np.asarray(mdp.initial), term
 
 
 _rollout = jax.jit(sim.rollout, static_argnames=("policy", "num_envs", "num_steps",
@@ -42,7 +37,7 @@ def test_transition_frequencies_and_rewards_match_the_model(sparse):
     problem, x = _problem(terminal=False, sparse=sparse)
     simp = sim.as_simulator(problem, observation="index")
     context = problem.context(1)
-    P, r, _, _, _ = _numpy_mdp(problem.follower(x, context))
+    P, r, _, _, _ = numpy_mdp(problem.follower(x, context))
     uniform = lambda obs: jnp.zeros(3)  # noqa: E731
     traj = _rollout(jax.random.key(0), simp, x, context, uniform, num_envs=64, num_steps=400,
                     keep_states=True)
@@ -70,7 +65,7 @@ def test_discounted_visitation_of_rollouts_matches_the_model(terminal):
     problem, x = _problem(terminal=terminal)
     simp = sim.as_simulator(problem, observation="index")
     context = problem.context(0)
-    P, _, gamma, mu, term = _numpy_mdp(problem.follower(x, context))
+    P, _, gamma, mu, term = numpy_mdp(problem.follower(x, context))
     logits = np.random.default_rng(0).normal(size=(6, 3))
     pi = ref.softmax(logits)
     table = jnp.asarray(logits)
@@ -263,14 +258,6 @@ def test_rollout_refuses_bad_sizes():
 # soft_q_tabular: the model-free twin of the tabular oracle
 # ---------------------------------------------------------------------------------------------
 
-def _weighted_kl(P, r, gamma, lam, mu, term, learned_logits):
-    _, _, pi_star = ref.soft_value_iteration(P, r, gamma, lam, term, tol=1e-10)
-    d_star = ref.visitation(P, gamma, pi_star, mu, term)
-    log_pi = learned_logits - ref.logsumexp(learned_logits)[:, None]
-    kl = np.sum(pi_star * (np.log(pi_star) - log_pi), axis=-1)
-    return float(np.dot(d_star, kl) / d_star.sum())
-
-
 KL_THRESHOLD = 0.01  # d*-normalized mean KL(pi* || pi); a uniform policy is at > 0.1 here
 
 
@@ -280,15 +267,15 @@ def test_soft_q_tabular_reaches_the_soft_optimal_policy(observation):
                                         num_terminal=1)
     simp = sim.as_simulator(problem, observation=observation)
     context = problem.context(0)
-    P, r, gamma, mu, term = _numpy_mdp(problem.follower(x, context))
+    mdp = problem.follower(x, context)
     learner = bj.make_learner("soft_q_tabular", num_envs=16, num_updates=3000)
     state = learner.init(simp, x, context, jax.random.key(0))
     obs = np.eye(5) if observation == "one_hot" else np.arange(5)
     logits = lambda st: np.stack([np.asarray(learner.policy(st, o)) for o in obs])  # noqa: E731
-    assert _weighted_kl(P, r, gamma, 0.5, mu, term, logits(state)) > 10 * KL_THRESHOLD
+    assert soft_optimal_kl(mdp, 0.5, logits(state)) > 10 * KL_THRESHOLD
     state, info = jax.jit(lambda s, k: learner.update(simp, x, context, s, k))(state, jax.random.key(1))
     assert bool(info["finite"])
-    kl = _weighted_kl(P, r, gamma, 0.5, mu, term, logits(state))
+    kl = soft_optimal_kl(mdp, 0.5, logits(state))
     assert kl < KL_THRESHOLD, kl
 
 
@@ -300,13 +287,13 @@ def test_soft_q_tabular_on_four_rooms():
     simp = sim.as_simulator(problem, observation="one_hot", max_episode_steps=200)
     x = jnp.zeros(n, jnp.float32)
     context = problem.context(0)
-    P, r, gamma, mu, term = _numpy_mdp(problem.follower(x, context))
+    mdp = problem.follower(x, context)
     learner = bj.make_learner("soft_q_tabular", num_envs=32, num_updates=40_000, epsilon=0.2)
     state = jax.jit(lambda k: learner.update(simp, x, context, learner.init(simp, x, context, k), k)[0])(
         jax.random.key(0))
-    logits = np.asarray(jax.vmap(lambda o: learner.policy(state, o))(jnp.eye(P.shape[0])))
-    assert _weighted_kl(P, r, gamma, lam, mu, term, 0 * logits) > 0.5
-    kl = _weighted_kl(P, r, gamma, lam, mu, term, logits)
+    logits = np.asarray(jax.vmap(lambda o: learner.policy(state, o))(jnp.eye(mdp.num_states)))
+    assert soft_optimal_kl(mdp, lam, 0 * logits) > 0.5
+    kl = soft_optimal_kl(mdp, lam, logits)
     assert kl < 0.1, kl
 
 
