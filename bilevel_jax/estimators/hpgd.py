@@ -13,11 +13,18 @@ Two variants:
   auto-reset; per-(s, a) and per-s Monte-Carlo averages of the leader's returns-to-go give
   `Qbar_hat, Vbar_hat`, and of the follower's vector returns give `dQ_hat, dV_hat`;
 
-      g = (1/E) sum_t gammabar^tau_t [ d_x rbar(s_t, a_t) + (1/lam) Abar_hat(s_t, a_t) dA_hat(s_t, a_t) ]
+      g = sum_t (gammabar^tau_t / n_tau_t) [ d_x rbar(s_t, a_t)
+                                             + (1/lam) Abar_hat(s_t, a_t) dA_hat(s_t, a_t) ]
 
-  with `E` the number of finished episodes and `tau_t` the in-episode time. Biased: returns are
-  cut at the window's end, the averages are shared between the two factors of the product, and
-  dividing by `E` counts unfinished episodes' steps. `benchmarks/estimators.py` measures the bias.
+  with `tau_t` the in-episode time and `n_tau` the number of episodes *at risk* at time `tau`:
+  those started (each environment's initial episode included) at least `tau` steps before the
+  window's end, i.e. the episodes whose step `tau` (or whose end before it) the window shows.
+  This is the censoring-corrected mean over episodes (see `hpgd`): an episode cut by the
+  window's end counts for the times it was seen, and its unseen steps are estimated by the
+  episodes seen that long. (The paper's code divides by the number of finished episodes,
+  which is `num_envs` times too large a gradient when no episode ends in the window.) Biased:
+  returns are cut at the window's end and the averages are shared between the two factors of
+  the product. `benchmarks/estimators.py` measures the bias.
 * `unbiased=True`: `(s, a)` drawn from the leader's discounted visitation with a geometric
   horizon, then independent rollouts from `(s, a)` for `Qbar`, from `(s, a)` and `(s, a')`,
   `a' ~ pi`, for `dQ(s, a) - dQ(s, a')`, and (with the advantage baseline) from `(s, a'')` for
@@ -161,42 +168,54 @@ def _paper_tables(keys, q, rbar, mdp, lam, gamma_bar, *, num_envs, num_steps, ma
     done = traj.dones.astype(dtype)
     gamma_l, gamma_bar_l = per_lane(mdp.discount), per_lane(gamma_bar)
 
-    returns = _leader_returns(lookup(rbar.reshape(-1, SA), sa), done, gamma_bar_l)
+    leader_r = lookup(rbar.reshape(-1, SA), sa)
+    returns = _leader_returns(leader_r, done, gamma_bar_l)
+    # Step weights gammabar^tau / n_tau, with n_tau the episodes *at risk* at in-episode time
+    # tau: those started at least tau steps before the window's end (the episodes whose step
+    # tau, or their ending before it, is seen). A step at time tau belongs to one of them, so
+    # n_tau >= 1 wherever it is read. Without terminal states n_tau = N (one episode per
+    # environment); with many episodes per environment n_tau is about the number started.
+    starts = (times == 0).astype(dtype).reshape(num_steps, num_runs, num_envs).sum(-1)  # [T, R]
+    at_risk = jnp.cumsum(starts, axis=0)[::-1].T                          # [R, T]: n_tau
     powers = jnp.asarray(gamma_bar, dtype)[:, None] ** jnp.arange(num_steps).astype(dtype)
-    disc_bar = lookup(powers, times)
-    stats = sums(sa, [jnp.ones_like(returns), returns, disc_bar], SA)   # [R, G, SA, 3]
+    disc_w = lookup(powers / jnp.maximum(at_risk, 1.0), times)
+    stats = sums(sa, [jnp.ones_like(returns), returns, disc_w], SA)     # [R, G, SA, 3]
     totals = stats.sum(1).reshape(num_runs, S, A, 3)
     n_sa, return_sums, disc_sums = totals[..., 0], totals[..., 1], totals[..., 2]
     n_s = n_sa.sum(-1)
     qbar_hat = return_sums / jnp.maximum(n_sa, 1.0)
     vbar_hat = return_sums.sum(-1) / jnp.maximum(n_s, 1.0)                # [R, S]
     leader_adv = qbar_hat - vbar_hat[..., None] if baseline == "advantage" else qbar_hat
-    episodes = jnp.maximum(done.reshape(num_steps, num_runs, num_envs).sum((0, 2)), 1.0)  # [R]
     # Response term: sum over steps of W(s, a) [dQ_hat(s, a) - dV_hat(s)], each average expanded
     # over the visits it averages, then over the steps of each visit's return (a recurrence).
-    # W(s, a) = Abar_hat(s, a) sum of gammabar^tau over the visits of (s, a) / (lam E).
-    w_table = leader_adv * disc_sums / (lam_r * episodes[:, None, None])
+    # W(s, a) = Abar_hat(s, a) sum of gammabar^tau / n_tau over the visits of (s, a) / lam.
+    w_table = leader_adv * disc_sums / lam_r
     w_state = w_table.sum(-1)
     beta_table = (w_table / jnp.maximum(n_sa, 1.0)
                   - (w_state / jnp.maximum(n_s, 1.0))[..., None])
     carry = jnp.concatenate([jnp.zeros_like(done[:1]), 1.0 - done[:-1]], axis=0)
     alpha = _linear_recurrence(gamma_l * carry, lookup(beta_table.reshape(num_runs, SA), sa))
-    episodes_l = episodes[run]
     out = {"rewards": sums(sa, [alpha], SA).reshape(num_runs, groups, S, A),
-           "leader_reward": (stats[..., 2] / episodes[:, None, None]).reshape(
-               num_runs, groups, S, A)}
+           "leader_reward": stats[..., 2].reshape(num_runs, groups, S, A)}
 
-    start_w = (times == 0) * returns / episodes_l
+    # The leader's weighted returns-to-go: sum of gammabar^tau' rbar / n_tau' over the rest of
+    # the episode's steps in the window (the score terms' leader factor, weighted like the
+    # direct term, so a censored episode's missing steps are left to the episodes at risk).
+    weighted_returns = _leader_returns(leader_r * disc_w, done, 1.0)
+    start_w = (times == 0) * weighted_returns
     inv_mu = 1.0 / jnp.where(mdp.initial > 0, mdp.initial, 1.0)
     out["initial"] = sums(s, [start_w * lookup(inv_mu, s)], S)[..., 0]
 
-    # Leader's continuation value after each step (for the d_x P score term).
-    next_returns = jnp.concatenate([returns[1:], jnp.zeros_like(returns[:1])], axis=0)
+    # Leader's continuation after each step (for the d_x P score term): the weighted return of
+    # the next step inside the window; after a time-limit cut (`max_episode_steps`, not a
+    # terminal state) the value estimate `Vbar_hat(s')`, as if the episode went on.
+    next_returns = jnp.concatenate([weighted_returns[1:], jnp.zeros_like(returns[:1])], axis=0)
     continues = (1.0 - done) * (jnp.arange(num_steps) < num_steps - 1)[:, None]
-    next_value = continues * next_returns + (1.0 - continues) * lookup(vbar_hat, sn)
+    truncated = done * (1.0 - traj.terminated.astype(dtype))
+    next_value = (continues * next_returns
+                  + truncated * disc_w * gamma_bar_l * lookup(vbar_hat, sn))
     keep = 1.0 - jnp.asarray(mdp.terminal, dtype)
-    transition_w = lookup(keep, s) * (alpha * gamma_l * lookup(v_star, sn)
-                                      + disc_bar * gamma_bar_l * next_value / episodes_l)
+    transition_w = lookup(keep, s) * (alpha * gamma_l * lookup(v_star, sn) + next_value)
     transitions = mdp.transitions
     if isinstance(transitions, SparseTransitions):
         # d_x log P(s'|s, a) spread over every stored successor equal to s'.
@@ -333,7 +352,8 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
     Args:
       num_envs, num_steps: rollout budget per estimate (`N x T` transitions; with
         `unbiased=True`, `num_envs` samples of `(s, a)`, each with rollouts of `horizon` steps).
-      max_episode_steps: time limit of the rollouts (None: only terminal states end episodes).
+      max_episode_steps: time limit of the rollouts (None: only terminal states end episodes;
+        the default is right whether or not episodes end within the window, see below).
       oracle: `"exact"`, `"warm"` (`oracle_sweeps` warm-started sweeps), `"soft_q_learning"`
         (`oracle_envs x oracle_steps` sampled transitions, step `learning_rate`) or
         `"multilevel"` (`2^k` sweeps with `P(k) ~ 2^-k`, `k <= max_level`, combining levels
@@ -345,6 +365,21 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
         (every context, weighted by its probability).
       estimate_variance: also return a per-coordinate variance estimate (costs one reverse pass
         per environment instead of one in all).
+
+    Normalization of the paper variant (`unbiased=False`): the mean over episodes of
+    `sum_tau gammabar^tau h(s_tau, a_tau)` is taken time by time, each `tau` over the `n_tau`
+    episodes at risk at `tau` (started at least `tau` steps before the window's end), so every
+    step weighs `gammabar^tau / n_tau`; the score terms' leader factor (the start state's, and
+    the continuation after `d_x log P`) is the return weighted the same way. The set of episodes
+    at risk at `tau` depends only on earlier episodes' lengths, not on their own steps, so each
+    time's average is the ratio of two sums whose expectations are in the right proportion, on
+    every problem: without terminal states `n_tau = num_envs` (one episode per environment,
+    seen for `num_steps` steps: what the window misses weighs `gammabar^num_steps`); with many episodes
+    per environment `n_tau` is about the number started. (The paper's code divides by the number
+    of finished episodes, at least one: without episode ends in the window that is `num_envs`
+    times the gradient.) After a time-limit cut (`max_episode_steps`, not a terminal state) the
+    `d_x P` score term continues with `gammabar Vbar_hat(s')`; the episode's remaining rewards
+    are not counted (the time limit defines the episodes).
 
     The estimate is not differentiable (the paper variant is a `custom_vmap` function, so that
     a `vmap` over runs rolls all runs out as one batch, see `_paper_estimate`).
