@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -12,7 +13,22 @@ from bilevel_jax.core.soft_vi import soft_value as core_soft_value
 
 
 def _orthogonal(scale: float):
-    return nn.initializers.orthogonal(scale)
+    """flax's orthogonal initializer, run one member at a time under `vmap`.
+
+    Why: with several layers, `vmap` over >= 128 seeds turns each layer's QR into a batched
+    LAPACK call, and XLA's CPU runtime (jax 0.10.2) deadlocks running them side by side (the
+    program never returns, at 0% CPU). `sequential_vmap` makes the batch a `lax.map` of the
+    unbatched QR: the same matrices, and init is a negligible part of a run.
+    """
+    base = nn.initializers.orthogonal(scale)
+
+    def init(key, shape, dtype=jnp.float32):
+        @jax.custom_batching.sequential_vmap
+        def one(k):
+            return base(k, shape, dtype)
+        return one(key)
+
+    return init
 
 
 class MLP(nn.Module):
