@@ -150,6 +150,22 @@ def test_factorized_actions_learn_the_rewarded_joint_action():
     assert joint > 0.8, joint  # uniform: 1/6
 
 
+def test_sequential_and_batched_members_agree():
+    """Under vmap the CPU default runs members' epochs one by one; the batched path must give
+    the same learner (to float32 rounding), and the members must differ (the check can fail)."""
+    problem, keys = _pick_problem(), jax.random.split(jax.random.key(5), 2)
+    actors = []
+    for sequential in (True, False):
+        learner = soft_ppo(num_envs=4, num_steps=8, hidden=(16,), num_updates=3,
+                           sequential_members=sequential)
+        fit = jax.jit(jax.vmap(lambda k: learner.update(
+            problem, 0.0, None, learner.init(problem, 0.0, None, k), k)[0].actor))
+        actors.append(fit(keys))
+    chex.assert_trees_all_close(actors[0], actors[1], rtol=1e-4, atol=1e-6)
+    first = jax.tree_util.tree_leaves(actors[0])[0]
+    assert not np.allclose(np.asarray(first[0]), np.asarray(first[1]))
+
+
 def test_nan_reward_is_reported():
     _, info = _pick_run_jit(jnp.float32(jnp.nan))
     assert not bool(info["finite"])
@@ -170,6 +186,7 @@ def test_nan_reward_is_reported():
     ({"hidden": ()}, "hidden"),
     ({"anneal_lr": 1}, "anneal_lr"),
     ({"num_updates": True}, "num_updates"),
+    ({"sequential_members": 1}, "sequential_members"),
 ])
 def test_bad_options_refused(options, name):
     with pytest.raises(InvalidArgumentError, match=name):

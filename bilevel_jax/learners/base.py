@@ -97,8 +97,8 @@ def all_finite(*trees) -> Array:
 
 
 def check_options(**checks) -> None:
-    """`name=(value, kind)` with kind in {"pos_int", "nonneg_int", "pos_float", "unit"}: raises
-    `InvalidArgumentError` naming the first option out of range."""
+    """`name=(value, kind)` with kind in {"pos_int", "nonneg_int", "pos_float", "unit", "bool",
+    "bool_or_none"}: raises `InvalidArgumentError` naming the first option out of range."""
     for name, (value, kind) in checks.items():
         if kind in ("pos_int", "nonneg_int"):
             low = 1 if kind == "pos_int" else 0
@@ -110,5 +110,19 @@ def check_options(**checks) -> None:
         elif kind == "unit":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise InvalidArgumentError(f"{name}: expected a number in [0, 1], got {value!r}")
+        elif kind in ("bool", "bool_or_none"):
+            if not isinstance(value, bool) and not (kind == "bool_or_none" and value is None):
+                expected = "a bool" + (" or None" if kind == "bool_or_none" else "")
+                raise InvalidArgumentError(f"{name}: expected {expected}, got {value!r}")
         else:  # pragma: no cover - programming error
             raise ValueError(kind)
+
+
+def sequential_members(option: bool | None) -> bool:
+    """Whether a learner runs its vmapped members' gradient steps one after another
+    (`jax.custom_batching.sequential_vmap`) rather than as batched dots. `None` chooses by
+    backend: sequential on CPU, where XLA's batched dots of these sizes cost 2-3x per member
+    what a plain dot does (measured at 1,000 x 64 x 64), batched on accelerators."""
+    if option is None:
+        return jax.default_backend() == "cpu"
+    return option

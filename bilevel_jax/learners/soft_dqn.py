@@ -48,7 +48,7 @@ from flax import struct
 from jax import lax
 
 from bilevel_jax.errors import InvalidArgumentError
-from bilevel_jax.learners.base import Learner, all_finite, check_options, register
+from bilevel_jax.learners.base import Learner, all_finite, check_options, register, sequential_members as _sequential
 from bilevel_jax.learners.networks import HeadsNet, soft_value
 from bilevel_jax.sim import spaces
 from bilevel_jax.sim.rollout import RolloutCarry, env_step, reset, step_rewards
@@ -99,13 +99,6 @@ def _sample(buffer_state, key, batch_size: int):
     size = jnp.where(buffer_state.is_full, capacity, buffer_state.current_index)
     index = jax.random.randint(key, (batch_size,), 0, jnp.maximum(size, 1))
     return jax.tree_util.tree_map(lambda a: a[0, index], buffer_state.experience)
-
-
-def _sequential(sequential_members: bool | None) -> bool:
-    """`None`: sequential members on the CPU backend (see `_gradient_step`)."""
-    if sequential_members is None:
-        return jax.default_backend() == "cpu"
-    return sequential_members
 
 
 def _micro_batches(batch_size: int) -> int:
@@ -218,11 +211,8 @@ def soft_dqn(*, num_envs: int = 10, hidden=(64, 64), learning_rate: float = 5e-5
     if num_envs > buffer_size:
         raise InvalidArgumentError(
             f"num_envs: expected at most buffer_size = {buffer_size}, got {num_envs}")
-    if not isinstance(reset_each_step, bool):
-        raise InvalidArgumentError(f"reset_each_step: expected a bool, got {reset_each_step!r}")
-    if sequential_members is not None and not isinstance(sequential_members, bool):
-        raise InvalidArgumentError(
-            f"sequential_members: expected a bool or None, got {sequential_members!r}")
+    check_options(reset_each_step=(reset_each_step, "bool"),
+                  sequential_members=(sequential_members, "bool_or_none"))
 
     optimizer, buffer = _components(learning_rate, max_grad_norm, buffer_size, batch_size)
 
