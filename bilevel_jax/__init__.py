@@ -46,9 +46,30 @@ from bilevel_jax.envs.preference import PreferenceEnv, preference_gridworld, ran
 from bilevel_jax.preferences import (RLHFProblem, TrajectoryPairs, annotate, linear_reward_model,
                                      mlp_reward_model, preference_nll, rlhf_problem, sample_pairs)
 from bilevel_jax.estimators import Estimator, hypergradient, make_estimator
-from bilevel_jax import learners, sim
-from bilevel_jax.learners import Learner, make_learner
-from bilevel_jax.sim import InvalidSimulatorError, SimulatorProblem, as_simulator, validate_simulator
+
+# `learners` and `sim` import gymnax, which builds jax arrays at import time and so starts the
+# XLA backend; `jax.distributed.initialize` (`bilevel-jax run --distributed`) must run before
+# that, so these load on first use.
+_LAZY = {"learners": ("bilevel_jax.learners", None), "sim": ("bilevel_jax.sim", None),
+         "Learner": ("bilevel_jax.learners", "Learner"),
+         "make_learner": ("bilevel_jax.learners", "make_learner"),
+         "InvalidSimulatorError": ("bilevel_jax.sim", "InvalidSimulatorError"),
+         "SimulatorProblem": ("bilevel_jax.sim", "SimulatorProblem"),
+         "as_simulator": ("bilevel_jax.sim", "as_simulator"),
+         "validate_simulator": ("bilevel_jax.sim", "validate_simulator")}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'bilevel_jax' has no attribute {name!r}")
+    import importlib
+
+    module, attr = _LAZY[name]
+    value = importlib.import_module(module)
+    value = value if attr is None else getattr(value, attr)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 

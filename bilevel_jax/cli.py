@@ -1,19 +1,24 @@
 """Command line of bilevel_jax: run experiments from YAML configs, list what is available, report.
 
-    bilevel-jax run CONFIG [--set key.path=value ...] [--out DIR] [--resume]
+    bilevel-jax run CONFIG [--set key.path=value ...] [--out DIR] [--resume] [--distributed ...]
     bilevel-jax list
     bilevel-jax report RUN_DIR [RUN_DIR ...] [--out DIR]
 
 Exit codes: 0 success; 1 the run stopped (NaN or inf, or another error while running);
-2 bad command line or configuration (refused before anything is run or written); 130 interrupted.
+2 bad command line or configuration (refused before anything is run or written), a run directory
+locked by another run, or a checkpoint refused by --resume; 130 interrupted (SIGINT or SIGTERM:
+the last checkpoint is kept).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import os
+import signal
 import sys
+import threading
 
 ALGORITHM_DOCS = {
     "ascent": "hypergradient ascent: the estimator's grad F(x) fed to the optax optimizer",
@@ -29,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the experiment described by a YAML config",
                          description="Runs every grid point x seed of CONFIG and writes the run "
                                      "directory (config.yaml, metrics.csv, summary.json, plots/, "
-                                     "checkpoint.pkl).")
+                                     "checkpoint.msgpack), locked against other runs "
+                                     "while it runs.")
     run.add_argument("config", help="path to a YAML config (e.g. configs/quickstart.yaml)")
     run.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="KEY.PATH=VALUE",
@@ -37,8 +43,22 @@ def _parser() -> argparse.ArgumentParser:
                           "--set optimizer.learning_rate=0.3 --set 'sweep.problem.temperature=[0.05, 0.1]'")
     run.add_argument("--out", metavar="DIR", help="run directory (default: output.dir, runs/<name>)")
     run.add_argument("--resume", action="store_true",
-                     help="continue from the run directory's checkpoint (same config)")
+                     help="continue from the run directory's checkpoint (same config, same "
+                          "device count); without one, start from iteration 0")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dist = run.add_argument_group(
+        "multi-process runs", "--distributed joins a jax.distributed run (one command per "
+        "process, same config): the runs split over every process's devices and process 0 "
+        "writes the run directory. Unset values come from the environment variables named, else "
+        "from jax's cluster detection (SLURM, Open MPI, ...).")
+    dist.add_argument("--distributed", action="store_true",
+                      help="call jax.distributed.initialize before running")
+    dist.add_argument("--coordinator", metavar="HOST:PORT",
+                      help="process 0's address (default $JAX_COORDINATOR_ADDRESS)")
+    dist.add_argument("--num-processes", type=int, metavar="N",
+                      help="number of processes (default $JAX_NUM_PROCESSES)")
+    dist.add_argument("--process-id", type=int, metavar="I",
+                      help="this process's index, 0 to N-1 (default $JAX_PROCESS_ID)")
     sub.add_parser("list", help="list problems, estimators, algorithms and shipped configs")
     report = sub.add_parser("report", help="table and comparison plots across run directories")
     report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run directories")
@@ -54,39 +74,100 @@ def _error(message: str) -> int:
     return 2
 
 
-def command_run(args) -> int:
-    from bilevel_jax.errors import BilevelJaxError
+def start_distributed(args) -> int:
+    """`jax.distributed.initialize` for `run --distributed` (before any jax computation); 0 or 2."""
+    given = [flag for flag, value in (("--coordinator", args.coordinator),
+                                      ("--num-processes", args.num_processes),
+                                      ("--process-id", args.process_id)) if value is not None]
+    if not args.distributed:
+        return _error(f"{given[0]}: only with --distributed") if given else 0
+
+    def from_env(value, name):
+        if value is not None or name not in os.environ:
+            return value
+        try:
+            return int(os.environ[name])
+        except ValueError:
+            raise ValueError(f"${name}: expected an integer, got {os.environ[name]!r}") from None
+
+    from bilevel_jax.algorithms import initialize_distributed
+    try:
+        initialize_distributed(args.coordinator, from_env(args.num_processes, "JAX_NUM_PROCESSES"),
+                               from_env(args.process_id, "JAX_PROCESS_ID"))
+    except (ValueError, TypeError, RuntimeError) as err:
+        return _error(f"--distributed: {err}")
+    return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that it unwinds like Ctrl-C (exit 130)."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM raises `Terminated` (a KeyboardInterrupt) like SIGINT does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _refusal(err) -> int:
+    from bilevel_jax.runner.io import CheckpointError, RunDirectoryError
+
+    # These messages name the flag or file themselves; the others a key of the config.
+    own = isinstance(err, (CheckpointError, RunDirectoryError)) or str(err).startswith("--")
+    return _error(str(err) if own else f"config: {err}")
+
+
+def resolve_run_config(args) -> dict:
+    """The config of `bilevel-jax run` with `--out` applied; `ConfigError` naming the key."""
     from bilevel_jax.runner.config import ConfigError, load_config
 
+    config = load_config(args.config, args.overrides)
+    if args.out is not None:
+        if not args.out.strip():
+            raise ConfigError("--out: expected a directory path, got an empty string")
+        config["output"]["dir"] = args.out
+    directory = config["output"]["dir"]
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ConfigError(f"output.dir: expected a directory, got the file {directory!r}")
+    return config
+
+
+def command_run(args) -> int:
+    from bilevel_jax.errors import BilevelJaxError
+    from bilevel_jax.runner.config import ConfigError
+
     try:
-        config = load_config(args.config, args.overrides)
-        if args.out:
-            config["output"]["dir"] = args.out
-        if os.path.exists(config["output"]["dir"]) and not os.path.isdir(config["output"]["dir"]):
-            raise ConfigError(f"output.dir: expected a directory, got the file "
-                              f"{config['output']['dir']!r}")
-        checkpoint = None
-        if args.resume:
-            from bilevel_jax.runner.run import check_resume
-            checkpoint = check_resume(config)
+        config = resolve_run_config(args)
     except ConfigError as err:
-        return _error(f"config: {err}")
+        return _refusal(err)
 
     from bilevel_jax.algorithms import NonFiniteError
     from bilevel_jax.runner.run import run_experiment
 
     try:
-        run_experiment(config, resume=args.resume, checkpoint=checkpoint,
-                       progress=not args.no_progress)
+        with sigterm_as_interrupt():
+            run_experiment(config, resume=args.resume, progress=not args.no_progress)
     except NonFiniteError as err:
         print(f"\nbilevel-jax: run stopped: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"\nbilevel-jax: interrupted; continue with --resume (run directory "
+    except KeyboardInterrupt as err:
+        what = f"terminated ({err})" if isinstance(err, Terminated) else "interrupted"
+        print(f"\nbilevel-jax: {what}; continue with --resume (run directory "
               f"{config['output']['dir']})", file=sys.stderr)
         return 130
     except ConfigError as err:
-        return _error(f"config: {err}")
+        return _refusal(err)
     except (BilevelJaxError, OSError) as err:
         print(f"\nbilevel-jax: run failed: {err}", file=sys.stderr)
         return 1
@@ -179,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    if args.command == "run" and start_distributed(args):
+        return 2
     commands = {"run": command_run, "list": command_list, "report": command_report}
     return commands[args.command](args)
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from bilevel_jax.checks import check_unit_interval
+from bilevel_jax.checks import check_unit_interval, is_concrete
 from bilevel_jax.contexts import ContextsMixin, check_contexts
 from bilevel_jax.core.evaluation import policy_evaluation
 from bilevel_jax.core.mdp import TabularMDP, validate_mdp
@@ -89,18 +89,29 @@ def check_problem(problem: BilevelProblem, x) -> None:
             f"rewards), got {tuple(reward_shape)}")
 
 
+def validate_values(problem: BilevelProblem, x, *, skip_traced: bool = False) -> None:
+    """`validate_mdp` of every context's follower MDP and finite leader rewards.
+
+    `skip_traced`: return quietly when the follower's tables are traced (a follower closing over
+    values being traced by an outer `jit`) instead of raising `InvalidMDPError`.
+    """
+    for k in range(problem.num_contexts):
+        context = problem.context(k)
+        mdp, rewards = problem.follower(x, context), problem.leader_reward(x, context)
+        if skip_traced and not is_concrete((mdp, rewards)):
+            return
+        try:
+            validate_mdp(mdp)
+        except InvalidMDPError as err:
+            raise InvalidMDPError(f"follower(x, contexts[{k}]): {err}") from None
+        if not np.isfinite(np.asarray(rewards)).all():
+            raise InvalidProblemError(f"leader_reward: expected finite values (context {k})")
+
+
 def validate_problem(problem: BilevelProblem, x) -> BilevelProblem:
     """Eager full check: `check_problem` plus `validate_mdp` of every context's follower MDP."""
     check_problem(problem, x)
-    for k in range(problem.num_contexts):
-        context = problem.context(k)
-        try:
-            validate_mdp(problem.follower(x, context))
-        except InvalidMDPError as err:
-            raise InvalidMDPError(f"follower(x, contexts[{k}]): {err}") from None
-        rewards = np.asarray(problem.leader_reward(x, context))
-        if not np.isfinite(rewards).all():
-            raise InvalidProblemError(f"leader_reward: expected finite values (context {k})")
+    validate_values(problem, x)
     return problem
 
 

@@ -9,7 +9,6 @@ The tiny config sweeps a structural key (estimator.name: two compiled programs) 
 import csv
 import json
 import os
-import pickle
 import shutil
 import signal
 import subprocess
@@ -21,6 +20,7 @@ import pytest
 import yaml
 
 from bilevel_jax import cli
+from bilevel_jax.runner import io as rio
 
 ITERATIONS, CHUNK = 120, 3
 TINY = {
@@ -85,8 +85,8 @@ def test_run_writes_the_run_directory(reference, work):
     assert "estimator.name  optimizer.learning_rate  F(x0)" in result.stdout
     assert f"Run directory: {out}" in result.stdout
     assert "it/s" in result.stderr and f"{ITERATIONS}/{ITERATIONS}" in result.stderr  # progress bar
-    assert sorted(os.listdir(out)) == ["checkpoint.pkl", "config.yaml", "metrics.csv", "plots",
-                                       "summary.json"]
+    assert sorted(os.listdir(out)) == ["checkpoint.msgpack", "config.yaml", "metrics.csv",
+                                       "plots", "summary.json"]   # the lock file is gone
     assert sorted(os.listdir(out / "plots")) == ["follower_residual.png", "grad_norm.png",
                                                  "objective.png", "samples.png"]
 
@@ -129,13 +129,12 @@ def test_resume_after_kill_equals_uninterrupted_run(reference, work, capsys):
     root, config = work
     out = root / "killed"
     process = bilevel_jax("run", config, "--out", str(out), popen=True, cache=root / "xla-cache")
-    checkpoint = out / "checkpoint.pkl"
+    checkpoint = out / rio.CHECKPOINT
     done = 0
     deadline = time.monotonic() + 240
     while process.poll() is None and time.monotonic() < deadline:
         if checkpoint.exists():
-            with open(checkpoint, "rb") as handle:
-                done = pickle.load(handle)["done"]
+            done = rio.load_checkpoint(str(out))["done"]
             if done >= CHUNK:
                 break
         time.sleep(0.002)

@@ -6,7 +6,6 @@ test_cli.py.
 """
 
 import os
-import pickle
 
 import numpy as np
 import optax
@@ -14,6 +13,7 @@ import pytest
 import yaml
 
 from bilevel_jax import cli
+from bilevel_jax.runner import io as rio
 from bilevel_jax.runner import config as cfg
 from bilevel_jax.runner.config import ConfigError, apply_overrides, load_config, resolve_config
 from bilevel_jax.runner.results import summarize
@@ -254,11 +254,11 @@ def test_resume_refuses_another_configs_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     path = write(tmp_path / "c.yaml", {"iterations": 4})
-    with open(out / "checkpoint.pkl", "wb") as handle:
-        pickle.dump({"format": 1, "config_hash": "0" * 16, "done": 2, "groups": []}, handle)
+    rio.save_checkpoint(str(out), {"config_hash": "0" * 16, "done": 2, "devices": 1,
+                                   "processes": 1, "groups": []})
     assert cli.main(["run", path, "--out", str(out), "--resume"]) == 2
     assert "was written by a different config" in capsys.readouterr().err
-    assert sorted(os.listdir(out)) == ["checkpoint.pkl"]
+    assert sorted(os.listdir(out)) == [rio.CHECKPOINT]
 
 
 def test_nonfinite_stops_with_iteration_grid_point_and_seed(tmp_path, capsys):
@@ -273,8 +273,7 @@ def test_nonfinite_stops_with_iteration_grid_point_and_seed(tmp_path, capsys):
     assert code == 1
     assert "NaN or inf in x or the gradient at iteration" in err
     assert "grid point {optimizer.learning_rate: 1e+38}, seed 0" in err
-    with open(out / "checkpoint.pkl", "rb") as handle:
-        checkpoint = pickle.load(handle)
+    checkpoint = rio.load_checkpoint(str(out))
     iteration = int(err.split("at iteration ")[1].split(",")[0])
     assert checkpoint["done"] == iteration - iteration % 2     # the last good chunk
     assert f"after {checkpoint['done']} iterations" in err

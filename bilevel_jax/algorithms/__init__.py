@@ -14,6 +14,7 @@ from bilevel_jax.algorithms.train import (
     pad_runs,
     padded_size,
     run_mesh,
+    runs_to_host,
     shard_runs,
     train,
 )
@@ -24,4 +25,4 @@ __all__ = ["ALGORITHMS", "Algorithm", "METRICS", "NonFiniteError", "TrainResult"
            "chunk_fn", "equilibrium_ascent", "hypergradient_ascent", "initialize_distributed",
            "ni_pbrl", "pad_runs", "padded_size", "pbrl", "policy_objective", "rlhf_decoupled",
            "rlhf_pbrl", "run_mesh",
-           "shard_runs", "train"]
+           "runs_to_host", "shard_runs", "train"]

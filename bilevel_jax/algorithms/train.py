@@ -1,5 +1,5 @@
 """Training drivers: chunks of iterations as one compiled `lax.scan`, batches of runs as one
-`vmap`, the batch axis sharded over every local device.
+`vmap`, the batch axis split over every device (of every process) by `shard_map`.
 
 Between chunks (never inside the compiled loop) the host reports progress, appends metrics,
 writes checkpoints and checks for NaN or inf.
@@ -120,21 +120,67 @@ def train(problem, method: Estimator | Algorithm | str, optimizer: optax.Gradien
 
 
 # --------------------------------------------------------------------------------------------
-# Batches of runs (seeds x hyperparameters): one vmap, sharded over the local devices
+# Batches of runs (seeds x hyperparameters): one vmap per device, the run axis split over a mesh
 # --------------------------------------------------------------------------------------------
 
+RUNS = "runs"   # the mesh axis the run batch is split over
+
+
 def run_mesh(devices=None) -> Mesh:
-    """A 1-D `Mesh` over `devices` (default: every local device) with axis name `"runs"`."""
-    devices = jax.local_devices() if devices is None else devices
-    return Mesh(np.asarray(devices), ("runs",))
+    """A 1-D `Mesh` over `devices` with axis name `"runs"`.
+
+    The default is every device of every process (`jax.devices()`): in a single process these
+    are its local devices; after `jax.distributed.initialize` the runs split over all hosts.
+    """
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (RUNS,))
+
+
+def _is_key(leaf) -> bool:
+    return hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
 
 def shard_runs(tree, mesh: Mesh | None):
-    """Places every leaf's leading (run) axis across the mesh; unchanged without a mesh."""
+    """Places every leaf's leading (run) axis across the mesh; unchanged without a mesh.
+
+    Host data (NumPy arrays, or jax arrays this process holds whole) must be the same in every
+    process: each process then places only the slices its own devices hold, so the same call
+    builds the global array in one process or many. Leaves already laid out so are kept as they
+    are (no copy).
+    """
     if mesh is None:
         return tree
-    sharding = NamedSharding(mesh, PartitionSpec("runs"))
-    return jax.device_put(tree, sharding)
+    sharding = NamedSharding(mesh, PartitionSpec(RUNS))
+
+    def place(leaf):
+        if isinstance(leaf, jax.Array) and leaf.sharding.is_equivalent_to(sharding, leaf.ndim):
+            return leaf
+        if _is_key(leaf):
+            # Key arrays travel as their raw key data (the callback below needs NumPy).
+            return jax.random.wrap_key_data(place(jax.random.key_data(leaf)),
+                                            impl=jax.random.key_impl(leaf))
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return jax.device_put(leaf, sharding)
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree_util.tree_map(place, tree)
+
+
+def runs_to_host(tree):
+    """NumPy copies of every leaf, whole; with several processes, each gathers every slice.
+
+    A collective across processes (every process must call it, in the same order); in one
+    process a plain device-to-host copy. PRNG key leaves come back as their key data.
+    """
+    def fetch(leaf):
+        if _is_key(leaf):
+            leaf = jax.random.key_data(leaf)
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            from jax.experimental import multihost_utils
+            return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+        return np.asarray(leaf)
+    return jax.tree_util.tree_map(fetch, tree)
 
 
 def padded_size(num_runs: int, mesh: Mesh | None) -> int:
@@ -155,14 +201,37 @@ def pad_runs(tree, size: int):
     return jax.tree_util.tree_map(pad, tree)
 
 
-def batched_fns(build: Callable[[Any], tuple[Any, Algorithm]], chunk_size: int):
-    """`(init, chunk)` over a batch of runs.
+def per_device(fn: Callable, mesh: Mesh | None) -> Callable:
+    """`fn` over a run batch, each device applying it to its own slice of every argument.
+
+    Without `shard_map`, XLA's partitioner cannot split a batch through a sequential `lax.map`
+    (the CPU dense solves) or a reshape that lays runs side by side (the HPGD rollouts): it
+    all-gathers the batch and every device redoes every run. Inside `shard_map` each device runs
+    exactly the single-device program on `runs / devices` runs, and nothing crosses devices:
+    the runs are independent.
+
+    `check_vma=False`: the per-device code has no collectives, so there is nothing for
+    varying-axis typing to check, and with it every loop whose carry starts from a constant
+    (the solvers' `while_loop`s) would need a `pcast`.
+    """
+    if mesh is None:
+        return fn
+    spec = PartitionSpec(RUNS)
+    return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+
+
+def batched_fns(build: Callable[[Any], tuple[Any, Algorithm]], chunk_size: int,
+                mesh: Mesh | None = None):
+    """`(init, chunk)` over a batch of runs, split over `mesh`'s devices if one is given.
 
     `build(hparams) -> (problem, algorithm)` is called inside the vmapped, traced function, so
     the hyperparameters (learning rate, temperature, rho, ...) may be traced scalars.
 
     * `init(hparams [R], x0 [R, ...], keys [R]) -> states [R, ...]`
     * `chunk(hparams [R], states [R, ...]) -> (states, metrics [R, chunk_size])`
+
+    With a mesh, R must be a multiple of its device count (`padded_size`, `pad_runs`) and the
+    outputs are laid out as `shard_runs` lays out inputs.
     """
     def init_one(hp, x0, key):
         problem, algorithm = build(hp)
@@ -172,10 +241,17 @@ def batched_fns(build: Callable[[Any], tuple[Any, Algorithm]], chunk_size: int):
         problem, algorithm = build(hp)
         return chunk_fn(algorithm, problem, chunk_size)(state)
 
-    return jax.jit(jax.vmap(init_one)), jax.jit(jax.vmap(chunk_one))
+    return (jax.jit(per_device(jax.vmap(init_one), mesh)),
+            jax.jit(per_device(jax.vmap(chunk_one), mesh)))
 
 
-def initialize_distributed(**kwargs) -> None:
-    """Initializes `jax.distributed` for multi-host runs (call once per host before anything
-    else); every host then runs its share of the batch on its local devices."""
-    jax.distributed.initialize(**kwargs)
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Joins a multi-process run (call once per process, before any other jax call).
+
+    Arguments left None come from `jax.distributed.initialize`'s own detection
+    (`JAX_COORDINATOR_ADDRESS`, SLURM, Open MPI, ...). Afterwards `run_mesh()` spans every
+    process's devices and `run_experiment` splits each program's runs over all of them.
+    """
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)

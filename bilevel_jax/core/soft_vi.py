@@ -22,8 +22,9 @@ import numpy as np
 from flax import struct
 from jax import lax
 
+from bilevel_jax.checks import is_concrete
 from bilevel_jax.core.linear import LinearSolverOptions, solve_q_system
-from bilevel_jax.core.mdp import TabularMDP, check_shapes, expected_next
+from bilevel_jax.core.mdp import TabularMDP, check_shapes, expected_next, validate_mdp
 from bilevel_jax.errors import InvalidArgumentError
 
 Array = jax.Array
@@ -164,8 +165,10 @@ def check_temperature(temperature) -> None:
 
 
 def _solve(mdp, temperature, init_q, tol, max_iters, num_sweeps, differentiation, linear_solver,
-           hard):
+           hard, validate):
     check_shapes(mdp)
+    if validate and is_concrete(mdp):
+        validate_mdp(mdp)     # eager calls: the values too (under jit only shapes are known)
     if differentiation not in DIFFERENTIATION_MODES:
         raise InvalidArgumentError(
             f"differentiation: expected one of {DIFFERENTIATION_MODES}, got {differentiation!r}")
@@ -204,8 +207,14 @@ def _solve(mdp, temperature, init_q, tol, max_iters, num_sweeps, differentiation
 def soft_value_iteration(mdp: TabularMDP, temperature, *, init_q: Array | None = None,
                          tol: float | None = None, max_iters: int = 100_000,
                          num_sweeps: int | None = None, differentiation: str = "implicit",
-                         linear_solver: str | LinearSolverOptions = "auto") -> SoftVISolution:
+                         linear_solver: str | LinearSolverOptions = "auto",
+                         validate: bool = True) -> SoftVISolution:
     """Solves the entropy-regularized Bellman equation of `mdp` at temperature `lam`.
+
+    An eager call on a concrete `mdp` checks its values as `validate_mdp` does (probabilities
+    non-negative and summing to 1, `initial` a distribution, discount in `[0, 1)`, sparse
+    indices in range, finite rewards) unless `validate=False`. Under `jit`, `vmap` or `grad`
+    (traced fields) only the shapes are checked: validate the MDP eagerly beforehand.
 
     Args:
       mdp: a `TabularMDP` (dense or sparse transitions).
@@ -220,27 +229,30 @@ def soft_value_iteration(mdp: TabularMDP, temperature, *, init_q: Array | None =
         the truncated iterate).
       linear_solver: method of the adjoint solve (`"auto"`, `"direct"`, `"richardson"`,
         `"gmres"`) or `LinearSolverOptions`.
+      validate: check a concrete MDP's values (eager calls only; a few numpy reductions).
 
     Returns:
       `SoftVISolution` with `q [S, A]`, `v [S]`, `policy [S, A]`, `residual`, `num_iters`.
 
     Raises:
       InvalidArgumentError: temperature <= 0, bad options.
-      InvalidMDPError: fields with inconsistent shapes.
+      InvalidMDPError: fields with inconsistent shapes; in an eager call, invalid values.
     """
     check_temperature(temperature)
     return _solve(mdp, temperature, init_q, tol, max_iters, num_sweeps, differentiation,
-                  linear_solver, hard=False)
+                  linear_solver, hard=False, validate=validate)
 
 
 def value_iteration(mdp: TabularMDP, *, init_q: Array | None = None, tol: float | None = None,
                     max_iters: int = 100_000, num_sweeps: int | None = None,
                     differentiation: str = "implicit",
-                    linear_solver: str | LinearSolverOptions = "auto") -> SoftVISolution:
+                    linear_solver: str | LinearSolverOptions = "auto",
+                    validate: bool = True) -> SoftVISolution:
     """Ordinary (unregularized) value iteration: the `lam -> 0` limit of `soft_value_iteration`.
 
     `v = max_a q`, `policy` is greedy one-hot. Implicit derivatives hold wherever the greedy
-    action is unique (the fixed point is then locally linear in the MDP).
+    action is unique (the fixed point is then locally linear in the MDP). Eager calls validate
+    a concrete MDP's values unless `validate=False`; under `jit` only shapes are checked.
     """
     return _solve(mdp, None, init_q, tol, max_iters, num_sweeps, differentiation, linear_solver,
-                  hard=True)
+                  hard=True, validate=validate)

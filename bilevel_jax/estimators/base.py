@@ -18,12 +18,14 @@ benchmark, the runner) then accepts it.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, NamedTuple
 
 import jax
 
+from bilevel_jax.checks import is_concrete
 from bilevel_jax.errors import InvalidArgumentError
-from bilevel_jax.problem import BilevelProblem, check_problem
+from bilevel_jax.problem import BilevelProblem, check_problem, validate_values
 
 
 class Estimator(NamedTuple):
@@ -31,14 +33,41 @@ class Estimator(NamedTuple):
 
     `exact_objective`: `info["objective"]` is the exact `F(x)` (followers solved to the default
     tolerance), so a training loop that reports `F` need not solve again.
+    `simulator`: the estimator also accepts a `bj.SimulatorProblem` (it needs no model).
     """
 
     init: Callable[[BilevelProblem, Any], Any]
     update: Callable[[BilevelProblem, Any, Any, jax.Array], tuple[Any, Any, dict]]
     exact_objective: bool = False
+    simulator: bool = False
 
 
 _REGISTRY: dict[str, Callable[..., Estimator]] = {}
+_SIMULATOR_METHODS: set[str] = set()
+
+
+def is_simulator(problem) -> bool:
+    """True for a `bj.SimulatorProblem` (without importing `bilevel_jax.sim`, i.e. gymnax: a
+    problem of that class exists only once the module is loaded)."""
+    module = sys.modules.get("bilevel_jax.sim.problem")
+    return module is not None and isinstance(problem, module.SimulatorProblem)
+
+
+def check_problem_for(problem, x, estimator: Estimator, method: str = "this method") -> None:
+    """The one check of a problem against an estimator: a tabular problem by `check_problem`,
+    a simulator problem by `check_simulator`, refused with `InvalidArgumentError` naming the
+    model-free methods when `estimator` needs the model (`exact`, `amd`, `naive`, ...)."""
+    if not is_simulator(problem):
+        check_problem(problem, x)
+        return
+    if not estimator.simulator:
+        names = ", ".join(repr(n) for n in sorted(_SIMULATOR_METHODS)) or "'hpgd'"
+        raise InvalidArgumentError(
+            f"method {method!r} needs the tabular model of a BilevelProblem; a SimulatorProblem "
+            f"has none: use a model-free method ({names}; e.g. method='hpgd', "
+            f"learner='soft_dqn')")
+    from bilevel_jax.sim.problem import check_simulator  # noqa: PLC0415 - loaded (see above)
+    check_simulator(problem)
 
 
 def check_positive_ints(allow_none: tuple[str, ...] = (), **options) -> None:
@@ -51,9 +80,13 @@ def check_positive_ints(allow_none: tuple[str, ...] = (), **options) -> None:
             raise InvalidArgumentError(f"{name}: expected {expected}, got {value!r}")
 
 
-def register(name: str, factory: Callable[..., Estimator]) -> Callable[..., Estimator]:
-    """Makes `factory(**options) -> Estimator` available under `name`."""
+def register(name: str, factory: Callable[..., Estimator], *,
+             simulator: bool = False) -> Callable[..., Estimator]:
+    """Makes `factory(**options) -> Estimator` available under `name` (`simulator`: its
+    estimators accept simulator problems, see `check_problem_for`)."""
     _REGISTRY[name] = factory
+    if simulator:
+        _SIMULATOR_METHODS.add(name)
     return factory
 
 
@@ -76,13 +109,22 @@ def make_estimator(method: str | Estimator, **options) -> Estimator:
 
 
 def hypergradient(problem: BilevelProblem, x, method: str | Estimator = "exact", *,
-                  key: jax.Array | None = None, state=None, **options):
+                  key: jax.Array | None = None, state=None, validate: bool = True, **options):
     """One estimate of `grad F(x)`: `(grad, info)`; `info["state"]` is the updated state.
 
-    Pass `state=info["state"]` of a previous call to warm-start a stateful method.
+    Pass `state=info["state"]` of a previous call to warm-start a stateful method. A
+    `bj.SimulatorProblem` goes to the model-free methods (`hpgd`); the others refuse it
+    (`check_problem_for`).
+
+    An eager call on a concrete `problem` and `x` checks the values of every context's follower
+    MDP (as `validate_problem` does: probabilities, `initial`, discount, sparse indices, finite
+    rewards) unless `validate=False`; under `jit` (traced `x` or problem) only shapes and the
+    concrete scalars are checked (`check_problem`): validate the problem eagerly beforehand.
     """
-    check_problem(problem, x)
     estimator = make_estimator(method, **options)
+    check_problem_for(problem, x, estimator, method if isinstance(method, str) else "estimator")
+    if validate and not is_simulator(problem) and is_concrete((problem, x)):
+        validate_values(problem, x, skip_traced=True)
     if key is None:
         key = jax.random.key(0)
     if state is None:

@@ -44,6 +44,7 @@ run exactly its own estimate.
 from __future__ import annotations
 
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +57,7 @@ from bilevel_jax.core.rollout import (concrete_value, materialize, run_rows, sam
 from bilevel_jax.core.soft_vi import soft_bellman_operator, soft_greedy_policy, soft_value
 from bilevel_jax.errors import InvalidArgumentError
 from bilevel_jax.estimators import model
-from bilevel_jax.estimators.base import Estimator, check_positive_ints, register
+from bilevel_jax.estimators.base import Estimator, check_positive_ints, is_simulator, register
 from bilevel_jax.estimators.exact import zero_q
 from bilevel_jax.problem import map_contexts
 from bilevel_jax.estimators.oracles import dynamic_sweeps, make_oracle
@@ -346,8 +347,19 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
          oracle: str = "exact", oracle_sweeps: int = 10, oracle_envs: int = 16,
          oracle_steps: int = 200, learning_rate: float = 0.5, max_level: int = 6,
          baseline: str = "advantage", unbiased: bool = False, horizon: int | None = None,
-         contexts: str = "sample", estimate_variance: bool = True) -> Estimator:
-    """The HPGD estimator.
+         contexts: str = "sample", estimate_variance: bool = True,
+         learner="soft_dqn", learner_options: dict | None = None,
+         samples_per_trajectory: int = 4, critic_hidden=(64, 64),
+         critic_learning_rate: float = 3e-3, critic_steps: int = 50,
+         critic_lambda: float = 0.8, follower_baseline: bool = True,
+         score_terms: bool | None = None) -> Estimator:
+    """The HPGD estimator, on a tabular `BilevelProblem` or a `bj.SimulatorProblem`.
+
+    On a simulator problem the model-free form of `bilevel_jax.estimators.sample_hpgd` runs
+    instead (chosen at trace time by the problem's type): the oracle options are replaced by
+    `learner`, `num_envs x num_steps` are the rollouts of the single-batch form, and
+    `num_envs x samples_per_trajectory` the `(s, a)` of the branching form (`unbiased=True`,
+    branches of `horizon` steps); `max_episode_steps` is the problem's own there.
 
     Args:
       num_envs, num_steps: rollout budget per estimate (`N x T` transitions; with
@@ -365,6 +377,21 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
         (every context, weighted by its probability).
       estimate_variance: also return a per-coordinate variance estimate (costs one reverse pass
         per environment instead of one in all).
+      learner, learner_options (simulator problems): the follower, a `bj.learners` name built
+        with `learner_options`, or a ready-made `Learner` (e.g. `"soft_vi_tabular"`, the exact
+        soft-optimal follower of an `as_simulator` problem); its state is warm-started in the
+        estimator state (re-initialized per step if the learner says `reset_each_step`).
+      samples_per_trajectory (simulator, `unbiased=True`): geometric `(s, a)` draws per rollout.
+      critic_hidden, critic_learning_rate, critic_steps (simulator, `unbiased=False`): the
+        critic MLP (the leader's Q and the follower's vector value of `d_x r`), its Adam step
+        size and regression steps per estimate (warm-started in the estimator state).
+      critic_lambda (simulator, `unbiased=False`): the critic's targets are lambda-returns
+        (1: Monte-Carlo returns-to-go; smaller: lower variance, more bootstrapping).
+      follower_baseline (simulator, `unbiased=False`): fit and subtract the follower's learned
+        vector value `Dhat(s)` (needs `d_x r` per step: `dim(x)` forward passes; False for a
+        large `x`, at a higher variance and the window's cut of `D_t` left uncorrected).
+      score_terms (simulator): add the `d_x log p_x` terms (None: when the problem has
+        `transition_log_prob`).
 
     Normalization of the paper variant (`unbiased=False`): the mean over episodes of
     `sum_tau gammabar^tau h(s_tau, a_tau)` is taken time by time, each `tau` over the `n_tau`
@@ -394,13 +421,50 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
                         max_episode_steps=max_episode_steps, horizon=horizon)
     if not learning_rate > 0:
         raise InvalidArgumentError(f"learning_rate: expected a number > 0, got {learning_rate!r}")
+    if not (isinstance(learner, str) or _is_learner(learner)):
+        raise InvalidArgumentError(
+            f"learner: expected a learner name or a bj.learners.Learner, got {learner!r}")
+    if learner_options is not None and not isinstance(learner_options, dict):
+        raise InvalidArgumentError(
+            f"learner_options: expected a dict or None, got {learner_options!r}")
+    check_positive_ints(samples_per_trajectory=samples_per_trajectory, critic_steps=critic_steps)
+    sample_cfg = dict(num_envs=num_envs, num_steps=num_steps, unbiased=unbiased, horizon=horizon,
+                      samples_per_trajectory=samples_per_trajectory,
+                      critic_hidden=(tuple(critic_hidden)
+                                     if isinstance(critic_hidden, (list, tuple)) else critic_hidden),
+                      critic_learning_rate=critic_learning_rate, critic_steps=critic_steps,
+                      contexts=contexts, estimate_variance=estimate_variance,
+                      score_terms=score_terms, follower_baseline=follower_baseline,
+                      critic_lambda=critic_lambda)
+    sample_fns = []
+
+    def simulator_fns():
+        """`(init, update)` of the model-free form, built on first use: it imports gymnax
+        (through `bilevel_jax.sim`), which must not load before `jax.distributed`."""
+        if not sample_fns:
+            from bilevel_jax.estimators import sample_hpgd  # noqa: PLC0415
+            from bilevel_jax.learners import make_learner  # noqa: PLC0415
+            cfg = sample_hpgd.SampleConfig(**sample_cfg)
+            sample_hpgd.check_sample_options(cfg)
+            if baseline != "advantage":
+                raise InvalidArgumentError(
+                    "baseline: the model-free HPGD's sample forms use the leader's advantage "
+                    f"(centered under the policy), so only 'advantage' is valid, got {baseline!r}")
+            follower = make_learner(learner, **(learner_options or {}))
+            sample_fns.append(sample_hpgd.sample_hpgd(follower, cfg))
+        return sample_fns[0]
+
     follower_oracle = make_oracle(oracle, oracle_sweeps=oracle_sweeps, oracle_envs=oracle_envs,
                                   oracle_steps=oracle_steps, learning_rate=learning_rate)
 
     def init(problem, x):
+        if is_simulator(problem):
+            return simulator_fns()[0](problem, x)
         return {"q": zero_q(problem, x)}
 
     def update(problem, x, state, key):
+        if is_simulator(problem):
+            return simulator_fns()[1](problem, x, state, key)
         x_flat, unravel, follower_flat, leader_flat = model.flat_problem_fns(problem, x)
         lam, gamma_bar = problem.temperature, problem.leader_discount
         rollout_horizon = horizon
@@ -485,7 +549,12 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
                 "sweeps": jnp.asarray(sweeps), "variance": unravel(variance)}
         return unravel(grad), {"q": new_q}, info
 
-    return Estimator(init, update)
+    return Estimator(init, update, simulator=True)
 
 
-register("hpgd", hpgd)
+def _is_learner(value) -> bool:
+    module = sys.modules.get("bilevel_jax.learners.base")
+    return module is not None and isinstance(value, module.Learner)
+
+
+register("hpgd", hpgd, simulator=True)

@@ -9,13 +9,16 @@ Top level (every key optional; defaults are filled in and written to the run's `
     estimator:   {name: exact, <estimator>: {...its options}}
     algorithm:   {name: ascent | pbrl, ...}            chunk_size: int >= 1
     optimizer:   {name: sgd | adam, learning_rate, ..., clip_norm, schedule, ...}
-    seeds:       int >= 1 (seeds 0..n-1) or a list of distinct ints
+    seeds:       int in [1, 100000] (seeds 0..n-1) or a list of distinct int64s, distinct
+                 modulo 2**32 too (jax.random.key keeps 32 bits without x64)
     x0_noise:    number >= 0 (per-seed Gaussian perturbation of the problem's x0)
     sweep:       {key.path: [values, ...], ...}     grid = product of the lists; x seeds
 
 Refusals raise `ConfigError` naming the key path: unknown keys (in any section), wrong types,
-out-of-range values, bad sweep keys or values, and refused combinations
-(`algorithm.rho_0 > algorithm.rho_max`, an estimator rejecting its options, ...).
+out-of-range values, bad sweep keys or values, refused combinations
+(`algorithm.rho_0 > algorithm.rho_max`, an estimator rejecting its options, ...) and problems too
+big for this machine's memory (estimated before anything is allocated); files that are not
+UTF-8 text or repeat a key in a mapping (`UniqueKeyLoader`) are refused with the line.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ __all__ = ["ConfigError", "load_config", "resolve_config", "parse_override", "ap
 
 ALGORITHM_NAMES = ("ascent", "pbrl", "decoupled")
 MAX_GRID_POINTS = 100_000
+MAX_SEEDS = 100_000
+SEED_RANGE = (-2**63, 2**63 - 1)    # int64, the runner's array of seeds for jax.random.key
 
 TOP_FIELDS = {
     "name": Field("str", None, nullable=True, doc="run name (default: the config file's stem)"),
@@ -162,12 +167,55 @@ def estimator_fields(name: str) -> dict[str, Field]:
 # Reading, overrides
 # --------------------------------------------------------------------------------------------
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A YAML mapping gives the same key twice (PyYAML would keep the last one silently)."""
+
+    def __init__(self, key, line: int, first_line: int):
+        super().__init__(problem=f"duplicate key {key!r}")
+        self.key, self.line, self.first_line = key, line, first_line
+
+    def __str__(self) -> str:
+        return (f"line {self.line}: duplicate key {self.key!r} (first given at line "
+                f"{self.first_line}); expected each key once per mapping")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a mapping with a repeated key (merge keys `<<` aside)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_lines: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    if key in first_lines:
+                        raise DuplicateKeyError(key, line, first_lines[key])
+                except TypeError:
+                    continue        # unhashable: SafeLoader refuses it with its own message
+                first_lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str):
+    """`yaml.safe_load` refusing duplicate keys (`DuplicateKeyError`)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: str) -> dict:
     try:
-        with open(path) as handle:
-            raw = yaml.safe_load(handle)
+        with open(path, "rb") as handle:
+            data = handle.read()
     except OSError as err:
         raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+    try:
+        raw = load_yaml(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file (byte {err.start} is not UTF-8); expected a "
+                          f"YAML config") from None
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
     if raw is None:
@@ -185,7 +233,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not path or any(not part for part in path.split(".")):
         raise ConfigError(f"--set {text}: expected key.path=value")
     try:
-        return path, yaml.safe_load(value) if value.strip() else None
+        return path, load_yaml(value) if value.strip() else None
+    except DuplicateKeyError as err:
+        raise ConfigError(f"--set {text}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {text}: the value is not valid YAML ({err})") from None
 
@@ -238,6 +288,27 @@ def _resolve_fields(path: str, raw: Any, fields: dict[str, Field], extra: tuple 
             for key, field in fields.items()}
 
 
+def _check_seed_range(seeds: list[int]) -> None:
+    low, high = SEED_RANGE
+    for i, seed in enumerate(seeds):
+        if not low <= seed <= high:
+            raise ConfigError(f"seeds[{i}]: expected an int in [{low}, {high}] (a 64-bit PRNG "
+                              f"seed), got {seed}")
+
+
+def _check_seed_collisions(seeds: list[int]) -> None:
+    """Without jax_enable_x64, `jax.random.key` keeps a seed's low 32 bits: refuse seeds that
+    would share a key (e.g. 0 and 4294967296)."""
+    first: dict[int, int] = {}
+    for i, seed in enumerate(seeds):
+        j = first.setdefault(seed % 2**32, i)
+        if j != i:
+            raise ConfigError(
+                f"seeds[{i}]: {seed} has the low 32 bits of seeds[{j}] = {seeds[j]}, so both "
+                f"runs would get the same PRNG key (jax.random.key keeps 32 bits without "
+                f"jax_enable_x64); expected seeds that differ modulo 2**32")
+
+
 def _resolve_seeds(value: Any) -> list[int]:
     expected = ("seeds: expected an int >= 1 (seeds 0, 1, ..., n-1) or a non-empty list of "
                 "distinct ints")
@@ -246,9 +317,15 @@ def _resolve_seeds(value: Any) -> list[int]:
     if isinstance(value, int):
         if value < 1:
             raise ConfigError(f"{expected}, got {value}")
+        if value > MAX_SEEDS:
+            raise ConfigError(f"seeds: expected at most {MAX_SEEDS} seeds, got {value}")
         return list(range(value))
     if isinstance(value, list) and value and all(
             isinstance(s, int) and not isinstance(s, bool) for s in value) and len(set(value)) == len(value):
+        if len(value) > MAX_SEEDS:
+            raise ConfigError(f"seeds: expected at most {MAX_SEEDS} seeds, got {len(value)}")
+        _check_seed_range(value)
+        _check_seed_collisions(value)
         return list(value)
     raise ConfigError(f"{expected}, got {value!r}")
 
@@ -349,6 +426,8 @@ def resolve_config(raw: dict, *, default_name: str = "run") -> dict:
     config["output"] = _resolve_fields("output", raw.get("output"), OUTPUT_FIELDS)
     if config["output"]["dir"] is None:
         config["output"]["dir"] = os.path.join("runs", config["name"])
+    elif not config["output"]["dir"].strip():
+        raise ConfigError("output.dir: expected a directory path or null, got an empty string")
 
     # sweep: key paths of fields, each with a non-empty list of distinct valid values
     sweep = {}

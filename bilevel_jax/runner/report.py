@@ -17,6 +17,28 @@ from bilevel_jax.runner.plots import Curve, plot_metric
 from bilevel_jax.runner.results import TABLE_METRICS, format_table, read_metrics_csv, summary_rows
 
 
+# The keys of summary.json that the report reads, with their types.
+SUMMARY_KEYS = {"iterations": int, "seeds": list, "sweep_keys": list, "metrics": list,
+                "points": list, "statistic": str}
+POINT_KEYS = {"point": int, "values": dict, "label": str, "final": dict, "initial": dict}
+_KINDS = {int: "an int", list: "a list", str: "a string", dict: "an object"}
+
+
+def check_summary(path: str, summary) -> dict:
+    """`summary` if it has the keys the report reads; `ConfigError` naming the first that is off."""
+    if not isinstance(summary, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(summary).__name__}")
+    for key, kind in SUMMARY_KEYS.items():
+        if not isinstance(summary.get(key), kind):
+            raise ConfigError(f"{path}: {key}: expected {_KINDS[kind]}, got "
+                              f"{type(summary.get(key)).__name__}")
+    for i, point in enumerate(summary["points"]):
+        for key, kind in POINT_KEYS.items():
+            if not isinstance(point, dict) or not isinstance(point.get(key), kind):
+                raise ConfigError(f"{path}: points[{i}].{key}: expected {_KINDS[kind]}")
+    return summary
+
+
 def load_run(directory: str) -> dict:
     path = os.path.join(directory, "summary.json")
     if not os.path.isdir(directory):
@@ -24,13 +46,27 @@ def load_run(directory: str) -> dict:
     if not os.path.exists(path):
         raise ConfigError(f"{directory}: no summary.json (not a finished run directory)")
     try:
-        with open(path) as handle:
-            summary = json.load(handle)
-    except (OSError, json.JSONDecodeError) as err:
+        with open(path, "rb") as handle:
+            summary = json.loads(handle.read().decode())
+    except (OSError, ValueError) as err:     # JSONDecodeError and UnicodeDecodeError
         raise ConfigError(f"{path}: cannot read ({err})") from None
     if not os.path.exists(os.path.join(directory, "metrics.csv")):
         raise ConfigError(f"{directory}: no metrics.csv")
-    return summary
+    return check_summary(path, summary)
+
+
+def prepare_out(out: str | None, default: str) -> str:
+    """The report's output directory, created; `ConfigError` naming --out if it cannot be."""
+    if out is not None and not out.strip():
+        raise ConfigError("--out: expected a directory path, got an empty string")
+    out = default if out is None else out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out: expected a directory, got the file {out!r}")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out: cannot create the directory {out!r} ({err.strerror})") from None
+    return out
 
 
 def _run_names(directories: list[str], summaries: list[dict]) -> list[str]:
@@ -47,7 +83,8 @@ def report(directories: list[str], out: str | None = None, *, metrics: list[str]
            stream: TextIO | None = None) -> str:
     """Prints the combined table, writes the plots and `table.txt`; returns the output directory.
 
-    Raises `ConfigError` (nothing written) for a directory that is not a finished run.
+    Raises `ConfigError` (nothing written) for a directory that is not a finished run, a
+    malformed `summary.json` or `metrics.csv`, and an `--out` that is a file or cannot be made.
     """
     import sys
 
@@ -76,10 +113,9 @@ def report(directories: list[str], out: str | None = None, *, metrics: list[str]
     text = format_table(header, rows)
     stats = sorted({s["statistic"] for s in summaries})
     text += "\n\n" + "\n".join(f"{s}." for s in stats)
+    out = prepare_out(out, os.path.join(directories[0], "report"))
     print(text, file=stream)
 
-    out = out or os.path.join(directories[0], "report")
-    os.makedirs(out, exist_ok=True)
     atomic_write_text(os.path.join(out, "table.txt"), text + "\n")
     written = []
     for metric in all_metrics:

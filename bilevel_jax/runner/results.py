@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from bilevel_jax.runner.fields import show_value
+from bilevel_jax.runner.fields import ConfigError, show_value
 from bilevel_jax.runner.plots import mean_and_se
 
 ID_COLUMNS = ("run", "point")
@@ -114,26 +114,51 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def _cell(path: str, line: int, row: dict, column: str, parse):
+    text = row.get(column)
+    try:
+        return parse(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{path}: line {line}: column {column!r}: expected "
+                          f"{'an int' if parse is int else 'a number or empty'}, got "
+                          f"{'nothing' if text is None else repr(text)}") from None
+
+
+def _metric_value(text: str) -> float:
+    return float(text) if text else np.nan
+
+
 def read_metrics_csv(path: str, summary: dict) -> dict[int, dict[str, np.ndarray]]:
-    """`{point: {metric: [seeds, iterations]}}` from a run's `metrics.csv`."""
+    """`{point: {metric: [seeds, iterations]}}` from a run's `metrics.csv`.
+
+    Raises `ConfigError` naming the line and column of a malformed file (missing columns, a row
+    of the wrong length, a cell that is not a number).
+    """
     seeds = summary["seeds"]
     iterations = summary["iterations"]
     metrics = summary["metrics"]
     seed_index = {s: i for i, s in enumerate(seeds)}
     curves = {p["point"]: {m: np.full((len(seeds), iterations), np.nan) for m in metrics}
               for p in summary["points"]}
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in ("point", "seed", "iteration", *metrics) if c not in reader.fieldnames]
-        if missing:
-            raise ValueError(f"{path}: missing columns {missing}")
-        for row in reader:
-            point, seed, it = int(row["point"]), int(row["seed"]), int(row["iteration"])
-            if point not in curves or seed not in seed_index or not 0 <= it < iterations:
-                continue
-            target = curves[point]
-            for metric in metrics:
-                text = row[metric]
-                target[metric][seed_index[seed], it] = float(text) if text else np.nan
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            columns = reader.fieldnames or []
+            missing = [c for c in ("point", "seed", "iteration", *metrics) if c not in columns]
+            if missing:
+                raise ConfigError(f"{path}: missing columns {missing}; expected the header of "
+                                  f"a bilevel-jax metrics.csv")
+            for line, row in enumerate(reader, start=2):
+                if None in row or None in row.values():
+                    raise ConfigError(f"{path}: line {line}: expected {len(columns)} cells "
+                                      f"(one per column of the header)")
+                point, seed, it = (_cell(path, line, row, c, int)
+                                   for c in ("point", "seed", "iteration"))
+                values = [_cell(path, line, row, m, _metric_value) for m in metrics]
+                if point not in curves or seed not in seed_index or not 0 <= it < iterations:
+                    continue
+                for metric, value in zip(metrics, values):
+                    curves[point][metric][seed_index[seed], it] = value
+    except (OSError, csv.Error, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read ({err})") from None
     return curves
-

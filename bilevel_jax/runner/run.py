@@ -4,8 +4,10 @@
 
 * The sweep's grid is split by its structural keys (estimator or algorithm names, integer
   options, ...): each combination of their values is one group, compiled once. Inside a group the
-  runs (grid points x seeds) are one `vmap`, sharded over the local devices (`run_mesh`), and
-  the traced keys (learning rate, temperature, ...) are per-run scalars.
+  runs (grid points x seeds) are one `vmap`, split over every device (`run_mesh`; after
+  `jax.distributed.initialize`, every process's devices), each device running its own slice, and
+  the traced keys (learning rate, temperature, ...) are per-run scalars. With several processes,
+  process 0 alone prints and writes the run directory.
 * Iterations run in chunks of `chunk_size` (one `lax.scan` each). After every chunk the host
   checks for NaN or inf, appends the metrics, writes the checkpoint atomically and advances the
   progress bar. `resume=True` continues from the checkpoint; since the compiled programs, keys and
@@ -25,7 +27,6 @@ import numpy as np
 
 from bilevel_jax.runner import io as rio
 from bilevel_jax.runner.config import (
-    ConfigError,
     config_hash,
     dump_config,
     format_point,
@@ -38,7 +39,8 @@ from bilevel_jax.runner.plots import Curve, plot_metric
 from bilevel_jax.runner.problems import build_problem, problem_spec
 from bilevel_jax.runner.results import format_table, point_label, summarize, summary_rows
 
-RUN_FILES = ("config.yaml", "metrics.csv", "summary.json", rio.CHECKPOINT)
+RUN_FILES = ("config.yaml", "metrics.csv", "summary.json", rio.CHECKPOINT,
+             *rio.LEGACY_CHECKPOINTS)
 
 
 @dataclass
@@ -209,11 +211,11 @@ def _is_key(leaf) -> bool:
 
 def _state_to_host(state, runs: int) -> list[np.ndarray]:
     import jax
-    leaves = []
-    for leaf in jax.tree_util.tree_leaves(state):
-        data = jax.random.key_data(leaf) if _is_key(leaf) else leaf
-        leaves.append(np.asarray(data)[:runs])
-    return leaves
+
+    from bilevel_jax.algorithms import runs_to_host
+
+    # Every process gathers the whole state (a collective); PRNG keys come back as key data.
+    return [leaf[:runs] for leaf in jax.tree_util.tree_leaves(runs_to_host(state))]
 
 
 def _state_from_host(leaves: list[np.ndarray], shapes, padded: int, mesh):
@@ -224,18 +226,21 @@ def _state_from_host(leaves: list[np.ndarray], shapes, padded: int, mesh):
 
     flat, treedef = jax.tree_util.tree_flatten(shapes)
     if len(flat) != len(leaves):
-        raise ValueError("checkpoint: the saved state does not match this config's algorithm")
+        raise rio.CheckpointError(f"--resume: the checkpoint's state has {len(leaves)} arrays, "
+                                  f"this config's algorithm {len(flat)}; run without --resume "
+                                  f"to start over")
     restored = []
-    for spec, saved in zip(flat, leaves):
+    for index, (spec, saved) in enumerate(zip(flat, leaves)):
         saved = _pad(np.asarray(saved), padded)
-        if _is_key(spec):
-            restored.append(jax.random.wrap_key_data(jnp.asarray(saved)))
-        else:
-            if saved.shape != tuple(spec.shape) or saved.dtype != spec.dtype:
-                raise ValueError("checkpoint: the saved state does not match this config's "
-                                 f"algorithm (leaf {saved.shape} {saved.dtype}, expected "
-                                 f"{tuple(spec.shape)} {spec.dtype})")
-            restored.append(jnp.asarray(saved))
+        # A PRNG key is saved as its key data (uint32 [..., 2] for threefry).
+        expected = jax.eval_shape(jax.random.key_data, spec) if _is_key(spec) else spec
+        if saved.shape != tuple(expected.shape) or saved.dtype != expected.dtype:
+            raise rio.CheckpointError(
+                f"--resume: the checkpoint's state[{index}] is {saved.shape} {saved.dtype}, "
+                f"this config's algorithm expects {tuple(expected.shape)} {expected.dtype}; run "
+                f"without --resume to start over")
+        data = jnp.asarray(saved)
+        restored.append(jax.random.wrap_key_data(data) if _is_key(spec) else data)
     return shard_runs(jax.tree_util.tree_unflatten(treedef, restored), mesh)
 
 
@@ -293,23 +298,67 @@ def clear_run_files(directory: str) -> bool:
     return found
 
 
+def device_layout() -> dict:
+    """`{"devices", "processes"}` of this run (after `jax.distributed.initialize`, all of them)."""
+    import jax
+    return {"devices": jax.device_count(), "processes": jax.process_count()}
+
+
+def _check_groups(checkpoint: dict, config: dict, directory: str) -> None:
+    """The checkpoint holds one state and metrics `[runs, done]` per compiled group of `config`."""
+    _, groups, _, _ = make_groups(config)
+    saved = checkpoint["groups"]
+
+    def refuse(detail: str):
+        return rio.CheckpointError(f"--resume: the checkpoint in {directory} does not fit this "
+                                   f"config ({detail}); run without --resume to start over")
+
+    if len(saved) != len(groups):
+        raise refuse(f"{len(saved)} compiled groups, expected {len(groups)}")
+    for group, entry in zip(groups, saved):
+        runs = len(group.runs)
+        for i, leaf in enumerate(entry["state"]):
+            if leaf.shape[0] != runs:
+                raise refuse(f"groups[{group.index}].state[{i}] has {leaf.shape[0]} runs, "
+                             f"expected {runs}")
+        for name, values in entry["metrics"].items():
+            if values.shape != (runs, checkpoint["done"]):
+                raise refuse(f"groups[{group.index}].metrics[{name!r}] is {values.shape}, "
+                             f"expected [runs, done] = {(runs, checkpoint['done'])}")
+
+
 def check_resume(config: dict) -> dict | None:
-    """The checkpoint to resume from (None: none there); `ConfigError` if it is another config's."""
+    """The validated checkpoint to resume from; None when the run directory holds none.
+
+    Raises `CheckpointError` (a `ConfigError`: exit 2 at the command line) for a file that is
+    unreadable, truncated, foreign (a pickle is never loaded) or does not fit `config` (another
+    config's hash, more iterations, other shapes), and for one written on another number of
+    devices or processes: a sharded run's float64 states differ from an unsharded one's in the
+    last bits, so resuming on another device count is refused rather than giving other numbers
+    (call after `jax.distributed.initialize` in a multi-process run).
+    """
     directory = config["output"]["dir"]
-    try:
-        checkpoint = rio.load_checkpoint(directory)
-    except (ValueError, OSError, EOFError, ImportError, AttributeError) as err:
-        raise ConfigError(f"--resume: cannot read the checkpoint in {directory} ({err})") from None
+    checkpoint = rio.load_checkpoint(directory)
     if checkpoint is None:
         return None
     if checkpoint["config_hash"] != config_hash(config):
-        raise ConfigError(
+        raise rio.CheckpointError(
             f"--resume: the checkpoint in {directory} was written by a different config "
             f"(hash {checkpoint['config_hash']}, this config {config_hash(config)}); run without "
             f"--resume to start over, or --out another directory")
     if checkpoint["done"] > config["iterations"]:
-        raise ConfigError(f"--resume: the checkpoint has {checkpoint['done']} iterations, more "
-                          f"than iterations ({config['iterations']})")
+        raise rio.CheckpointError(f"--resume: the checkpoint has {checkpoint['done']} "
+                                  f"iterations, more than iterations ({config['iterations']})")
+    _check_groups(checkpoint, config, directory)
+    layout = device_layout()
+    saved = {k: checkpoint[k] for k in layout}
+    if saved != layout:
+        raise rio.CheckpointError(
+            f"--resume: the checkpoint in {directory} was written on {saved['devices']} "
+            f"device(s) in {saved['processes']} process(es), this run has {layout['devices']} "
+            f"in {layout['processes']}; resume with the same devices (e.g. XLA_FLAGS="
+            f"--xla_force_host_platform_device_count={saved['devices']} on CPU), or run "
+            f"without --resume to start over")
     return checkpoint
 
 
@@ -317,16 +366,42 @@ def run_experiment(config: dict, *, resume: bool = False, checkpoint: dict | Non
                    progress: bool = True, stream: TextIO | None = None) -> RunResult:
     """Runs every grid point x seed of a resolved config and writes the run directory.
 
+    The run holds the directory's `RunLock` from start to end (process 0 of a multi-process run
+    takes it). `resume=True` continues from the directory's checkpoint (`check_resume`, read
+    under the lock) and says from which iteration; without a checkpoint there it says so and
+    starts from iteration 0.
+
     Raises:
-      ConfigError: `resume` with a checkpoint of another config (nothing is written).
+      RunDirectoryError: the directory is locked by another run (naming its pid), or cannot be
+        created or written (nothing is written).
+      CheckpointError: `resume` with a checkpoint that is unreadable, truncated, foreign, of
+        another config or written on another device count (see `check_resume`).
       NonFiniteError: NaN or inf in `x` or a gradient; names the iteration, grid point and seed;
         the last good checkpoint is kept.
     """
+    import jax
+
     stream = sys.stdout if stream is None else stream
+    lock = rio.RunLock(config["output"]["dir"])
+    if jax.process_index() == 0:
+        lock.acquire()
+    try:
+        if lock.stale_pid is not None:
+            state = "no longer running" if not rio.pid_alive(lock.stale_pid) else "not holding it"
+            print(f"  taking over the stale lock of pid {lock.stale_pid} ({state})", file=stream)
+        if resume and checkpoint is None:
+            checkpoint = check_resume(config)
+        return _run_locked(config, resume=resume, checkpoint=checkpoint, progress=progress,
+                           stream=stream)
+    finally:
+        lock.release()
+
+
+def _run_locked(config: dict, *, resume: bool, checkpoint: dict | None, progress: bool,
+                stream: TextIO) -> RunResult:
+    """`run_experiment` once the run directory is locked and the checkpoint read."""
     start = time.perf_counter()
     directory = config["output"]["dir"]
-    if resume and checkpoint is None:
-        checkpoint = check_resume(config)
 
     if config["problem"].get("dtype") == "float64":
         import jax
@@ -336,26 +411,41 @@ def run_experiment(config: dict, *, resume: bool = False, checkpoint: dict | Non
     import jax.numpy as jnp
     from tqdm.auto import tqdm
 
-    from bilevel_jax.algorithms import NonFiniteError, batched_fns, padded_size, run_mesh, shard_runs
+    from bilevel_jax.algorithms import (
+        NonFiniteError,
+        batched_fns,
+        padded_size,
+        run_mesh,
+        runs_to_host,
+        shard_runs,
+    )
 
     points, groups, traced, structural = make_groups(config)
-    devices = len(jax.local_devices())
+    devices = jax.device_count()   # every process's devices: the runs split over all of them
     mesh = run_mesh() if devices > 1 else None
+    # Every process computes its runs and gathers the metrics; process 0 alone writes and prints.
+    writer = jax.process_index() == 0
+    if not writer:
+        stream, progress = open(os.devnull, "w"), False
     print(_describe(config, points, groups, structural, devices), file=stream)
 
-    os.makedirs(directory, exist_ok=True)
-    rio.remove_stale_temp_files(directory)
-    if checkpoint is None:
-        if clear_run_files(directory):
-            print(f"  replacing the previous run in {directory}", file=stream)
-        elif resume:
-            print(f"  no checkpoint in {directory}: starting from iteration 0", file=stream)
-    rio.atomic_write_text(os.path.join(directory, "config.yaml"), dump_config(config))
+    if writer:
+        os.makedirs(directory, exist_ok=True)
+        rio.remove_stale_temp_files(directory)
+        if checkpoint is None:
+            if resume:
+                print(f"  --resume: no checkpoint in {directory}; starting from iteration 0",
+                      file=stream)
+            if clear_run_files(directory):
+                print(f"  replacing the previous run in {directory}", file=stream)
 
     chunk_size = min(config["chunk_size"], config["iterations"])
     iterations = config["iterations"]
     remainder = iterations % chunk_size
     done = checkpoint["done"] if checkpoint is not None else 0
+    if checkpoint is not None:
+        print(f"  --resume: continuing from iteration {done} of {iterations} "
+              f"({os.path.join(directory, rio.CHECKPOINT)})", file=stream)
 
     # Build and compile every group's programs before the progress bar starts.
     compile_start = time.perf_counter()
@@ -368,7 +458,7 @@ def run_experiment(config: dict, *, resume: bool = False, checkpoint: dict | Non
         runs = len(group.runs)
         group.padded = padded_size(runs, mesh)
         build = make_build(group.template, group.problem, group.hparam_keys)
-        init_fn, chunk_fn = batched_fns(build, chunk_size)
+        init_fn, chunk_fn = batched_fns(build, chunk_size, mesh)
         hparams = shard_runs({k: jnp.asarray(_pad(v, group.padded))
                               for k, v in group.hparams.items()}, mesh)
         x0 = shard_runs(jax.tree_util.tree_map(lambda a: jnp.asarray(_pad(a, group.padded)),
@@ -377,9 +467,7 @@ def run_experiment(config: dict, *, resume: bool = False, checkpoint: dict | Non
                           mesh)
         group.hparams_device = hparams
         if checkpoint is None:
-            # The run axis of every leaf is sharded (XLA may leave state it built from
-            # constants replicated), so each compiled chunk sees the same input shardings.
-            group.state = shard_runs(init_fn(hparams, x0, keys), mesh)
+            group.state = init_fn(hparams, x0, keys)   # laid out over the mesh like the inputs
         else:
             saved = checkpoint["groups"][group.index]
             shapes = jax.eval_shape(init_fn, hparams, x0, keys)
@@ -388,7 +476,7 @@ def run_experiment(config: dict, *, resume: bool = False, checkpoint: dict | Non
         if done < iterations:
             group.programs[chunk_size] = chunk_fn.lower(hparams, group.state).compile()
             if remainder:
-                _, tail = batched_fns(build, remainder)
+                _, tail = batched_fns(build, remainder, mesh)
                 group.programs[remainder] = tail.lower(hparams, group.state).compile()
         if done < iterations:
             print(f" {time.perf_counter() - tick:.1f} s", file=stream, flush=True)
@@ -402,8 +490,12 @@ def run_experiment(config: dict, *, resume: bool = False, checkpoint: dict | Non
             {"state": _state_to_host(g.state, len(g.runs)),
              "metrics": {k: np.concatenate(v, axis=1) if v else v for k, v in g.metrics.items()}}
             for g in groups]}
-        rio.save_checkpoint(directory, payload)
+        payload.update(device_layout())     # resuming on other devices is refused
+        if writer:
+            rio.save_checkpoint(directory, payload)
 
+    if writer:   # after the checkpoint's state was accepted: a refused resume writes nothing
+        rio.atomic_write_text(os.path.join(directory, "config.yaml"), dump_config(config))
     if checkpoint is None:
         save(0)
     bar = tqdm(total=iterations, initial=done, unit="it", desc=config["name"], file=sys.stderr,
@@ -415,8 +507,8 @@ def run_experiment(config: dict, *, resume: bool = False, checkpoint: dict | Non
             for group in groups:
                 tick = time.perf_counter()
                 state, metrics = group.programs[size](group.hparams_device, group.state)
-                state = shard_runs(state, mesh)
-                metrics = {k: np.asarray(v)[:len(group.runs)] for k, v in metrics.items()}
+                # Every process gets every run's metrics, so all stop alike on NaN or inf.
+                metrics = {k: v[:len(group.runs)] for k, v in runs_to_host(metrics).items()}
                 jax.block_until_ready(state)
                 group.seconds += time.perf_counter() - tick
                 group.iterations_timed += size
@@ -442,7 +534,7 @@ def run_experiment(config: dict, *, resume: bool = False, checkpoint: dict | Non
     finally:
         bar.close()
 
-    summary = write_results(config, points, groups, directory)
+    summary = write_results(config, points, groups, directory, write=writer)
     seconds = time.perf_counter() - start
     ms = {p: 1000 * g.seconds / g.iterations_timed for g in groups for p in g.points
           if g.iterations_timed}
@@ -459,8 +551,12 @@ def run_experiment(config: dict, *, resume: bool = False, checkpoint: dict | Non
     return RunResult(directory, summary, seconds, compile_seconds)
 
 
-def write_results(config: dict, points: list[dict], groups: list[Group], directory: str) -> dict:
-    """metrics.csv, summary.json, plots/*.png (all atomic) from the groups' metrics."""
+def write_results(config: dict, points: list[dict], groups: list[Group], directory: str,
+                  write: bool = True) -> dict:
+    """metrics.csv, summary.json, plots/*.png (all atomic) from the groups' metrics.
+
+    `write=False` (processes other than 0 of a multi-process run) only returns the summary.
+    """
     seeds = config["seeds"]
     iterations = config["iterations"]
     sweep_keys = list(config["sweep"])
@@ -496,11 +592,13 @@ def write_results(config: dict, points: list[dict], groups: list[Group], directo
                 for i in range(iterations):
                     yield prefix + [iteration_text[i]] + [c[i] for c in columns]
 
-    rio.atomic_write_csv(os.path.join(directory, "metrics.csv"), header, rows())
     summary = summarize(name=config["name"], config_hash=config_hash(config),
                         iterations=iterations, seeds=list(seeds), sweep_keys=sweep_keys,
                         points=points, metric_names=names, curves=curves,
                         final_fraction=config["output"]["final_fraction"])
+    if not write:
+        return summary
+    rio.atomic_write_csv(os.path.join(directory, "metrics.csv"), header, rows())
     rio.atomic_write_json(os.path.join(directory, "summary.json"), summary)
     if config["output"]["plots"]:
         legend = sweep_keys[0] if len(sweep_keys) == 1 else None

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from bilevel_jax.runner.fields import ConfigError, Field
-from bilevel_jax.runner.problems.registry import register_problem
+from bilevel_jax.runner.problems.registry import check_fits, register_problem
 
 RANDOM_FIELDS = {
-    "seed": Field("int", 0, doc="numpy seed of the problem (rewards, transitions, features, x0)"),
+    "seed": Field("int", 0, low=0,
+                  doc="numpy seed of the problem (rewards, transitions, features, x0)"),
     "num_states": Field("int", 20, low=2, doc="states S"),
     "num_actions": Field("int", 4, low=1, doc="actions A"),
     "dim_x": Field("int", 8, low=1, doc="leader parameters (follower reward r0 + Phi x)"),
@@ -26,6 +27,22 @@ RANDOM_FIELDS = {
 }
 
 
+def random_problem_bytes(section: dict) -> int:
+    """About the memory `random_bilevel_problem` and a follower solve allocate (a lower bound).
+
+    The float64 numpy draws (Dirichlet rows, their logs, features), their device copies, the
+    follower's dense `[S, A, S]` kernel (built through a one-hot `[S, A, B, S]` from `branching`
+    successors) unless `sparse`, and the `[S, S]` state kernel of the linear solves.
+    """
+    S, A, n, K = (section[k] for k in ("num_states", "num_actions", "dim_x", "num_contexts"))
+    width = S if section["branching"] is None else section["branching"]
+    item = 8 if section["dtype"] == "float64" else 4
+    rows = S * A * width * (1 + (n if section["transition_dependent"] else 0))
+    tables = rows + S * A * n + (2 * K + 1) * S * A
+    dense = 0 if section["sparse"] else S * A * S * (1 if section["branching"] is None else width)
+    return 8 * (tables + S * A * width) + item * (tables + dense + S * S)
+
+
 def check_random(section: dict) -> None:
     if section["branching"] is not None and section["branching"] > section["num_states"]:
         raise ConfigError(f"problem.branching: expected an int <= problem.num_states "
@@ -35,6 +52,9 @@ def check_random(section: dict) -> None:
                           f"({section['num_states']}), got {section['num_terminal']}")
     if section["sparse"] and section["branching"] is None:
         raise ConfigError("problem.sparse: true needs problem.branching (an int); got branching null")
+    check_fits("problem.num_states", random_problem_bytes(section),
+               f"{section['num_states']} states x {section['num_actions']} actions",
+               "expected fewer states, or problem.branching with problem.sparse: true")
 
 
 def build_random(section: dict):

@@ -19,10 +19,11 @@ Without it, the generic `ascent` (any estimator) and `pbrl` of `bilevel_jax.algo
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from bilevel_jax.runner.fields import Field
+from bilevel_jax.runner.fields import ConfigError, Field
 
 
 GENERIC_ALGORITHMS = ("ascent", "pbrl")
@@ -86,3 +87,26 @@ def build_problem(section: dict):
     return spec.builder({k: v for k, v in section.items() if k != "name"})
 
 
+
+
+def memory_bytes() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:,.1f} GiB"
+
+
+def check_fits(path: str, needed: int, what: str, hint: str) -> None:
+    """Raises `ConfigError` naming `path` when `needed` bytes exceed this machine's memory.
+
+    For a problem's `check`: refuses what cannot be allocated before anything is built.
+    """
+    total = memory_bytes()
+    if total is not None and needed > total:
+        raise ConfigError(f"{path}: {what} need about {_gib(needed)}, more than this machine's "
+                          f"{_gib(total)} of memory; {hint}")

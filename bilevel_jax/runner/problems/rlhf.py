@@ -14,7 +14,8 @@ from bilevel_jax.runner.problems.registry import register_problem
 RLHF_FIELDS = {
     "env": Field("str", "grid", choices=("grid", "random"),
                  doc="environment: the preference gridworld or a random MDP"),
-    "seed": Field("int", 0, doc="seed of the random MDP and of the MLP's initialization"),
+    "seed": Field("int", 0, low=0, high=2**63 - 1,
+                  doc="seed of the random MDP and of the MLP's initialization"),
     "size": Field("int", 5, low=2, doc="grid: side of the square grid"),
     "slip_prob": Field("float", 0.1, low=0, high=1, doc="grid: probability that a move slips"),
     "features": Field("str", "onehot", choices=("onehot", "state", "rbf"),

@@ -18,7 +18,8 @@ STACKELBERG_FIELDS = {
     "game": Field("str", "random", choices=("random", "commitment"),
                   doc="random: a random general-sum game from seed; commitment: the hand-made "
                       "commitment game (1 state, 2 x 2 actions)"),
-    "seed": Field("int", 0, doc="numpy seed of the random game (transitions, rewards, initial)"),
+    "seed": Field("int", 0, low=0,
+                  doc="numpy seed of the random game (transitions, rewards, initial)"),
     "num_states": Field("int", None, low=1, nullable=True,
                         doc="states S (null: 10 for random; the commitment game has 1)"),
     "leader_actions": Field("int", None, low=1, nullable=True,
