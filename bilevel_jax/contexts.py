@@ -37,10 +37,15 @@ class ContextsMixin:
 
     def sample_context(self, key: Array) -> Any:
         """Draws a context: by `context_probs` over `contexts`, or from `context_sampler`."""
-        if self.contexts is None and self.context_sampler is not None:
-            return self.context_sampler(key)
+        return self.draw_context(key)[1]
+
+    def draw_context(self, key: Array) -> tuple[Any, Any]:
+        """`(index, context)`: the index into `contexts` (0 without a table: a sampled or absent
+        context) and the context drawn as `sample_context` draws it."""
+        if self.contexts is None:
+            return 0, (self.context_sampler(key) if self.context_sampler is not None else None)
         index = jax.random.choice(key, self.num_contexts, p=self.probs())
-        return self.context(index)
+        return index, self.context(index)
 
 
 def check_contexts(problem, error: type[Exception]) -> None:

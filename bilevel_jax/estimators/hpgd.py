@@ -526,13 +526,7 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
         per_estimate = num_envs * rollouts * (3 if oracle == "multilevel" else 1)
         if contexts == "sample" or problem.contexts is None:
             k_ctx, k_est = jax.random.split(key)
-            if problem.contexts is None:
-                index = 0
-                context = (problem.sample_context(k_ctx) if problem.context_sampler is not None
-                           else None)
-            else:
-                index = jax.random.choice(k_ctx, problem.num_contexts, p=problem.probs())
-                context = problem.context(index)
+            index, context = problem.draw_context(k_ctx)
             grad, variance, q, residual, sweeps, oracle_samples = per_context(
                 context, state["q"][index], k_est)
             new_q = state["q"].at[index].set(q)

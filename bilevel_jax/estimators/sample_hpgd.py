@@ -537,13 +537,7 @@ def sample_hpgd(learner: Learner, cfg: SampleConfig):
 
         if cfg.contexts == "sample" or problem.num_contexts == 1:
             k_ctx, k_est = jax.random.split(key)
-            if problem.contexts is None:
-                index = 0
-                context = (problem.context_sampler(k_ctx) if problem.context_sampler is not None
-                           else None)
-            else:
-                index = jax.random.choice(k_ctx, problem.num_contexts, p=problem.probs())
-                context = problem.context(index)
+            index, context = problem.draw_context(k_ctx)
             cstate = jax.tree_util.tree_map(lambda leaf: leaf[index], state)
             grad, variance, new_c, info, samples = per_context(context, cstate, k_est)
             state = jax.tree_util.tree_map(lambda leaf, new: leaf.at[index].set(new), state, new_c)
