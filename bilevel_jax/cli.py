@@ -206,15 +206,15 @@ def _first_comment(path: str) -> str:
 
 
 def _fields_text(fields: dict) -> str:
-    from bilevel_jax.runner.fields import show_value
-    return ", ".join(f"{k}={show_value(f.default)}" for k, f in fields.items())
+    from bilevel_jax.runner.fields import show_default
+    return ", ".join(f"{k}={show_default(f.default)}" for k, f in fields.items())
 
 
 def command_list(args) -> int:
     import textwrap
 
     from bilevel_jax.runner.config import estimator_fields, estimator_names
-    from bilevel_jax.runner.fields import show_value
+    from bilevel_jax.runner.fields import show_default
     from bilevel_jax.runner.problems import problem_names, problem_spec
 
     def block(text: str, indent: int) -> str:
@@ -224,8 +224,8 @@ def command_list(args) -> int:
     print("Problems (problem.name; fields marked * may be swept inside one compiled program):")
     for name in problem_names():
         spec = problem_spec(name)
-        print(f"  {name:<12}{spec.doc}")
-        print(block(", ".join(f"{k}{'*' if f.traced else ''}={show_value(f.default)}"
+        print(f"  {name:<12}{' ' if len(name) >= 12 else ''}{spec.doc}")
+        print(block(", ".join(f"{k}{'*' if f.traced else ''}={show_default(f.default)}"
                               for k, f in spec.fields.items()), 14))
     print("\nEstimators (estimator.name; options under estimator.<name>):")
     for name in estimator_names():

@@ -92,7 +92,8 @@ REFUSALS = [
     ({"problem": {"num_states": 1}}, "problem.num_states: expected an int >= 2, got 1"),
     ({"problem": {"name": "grid"}},
      "problem.name: expected one of ['four_rooms', 'incentive_design', 'random', 'rlhf', "
-     "'stackelberg'], got 'grid'"),
+     "'simulator_four_rooms', 'simulator_random', 'simulator_stackelberg', 'stackelberg'], "
+     "got 'grid'"),
     ({"optimizer": {"name": "adamw"}}, "optimizer.name: expected one of ['sgd', 'adam'], got 'adamw'"),
     ({"estimator": {"name": "magic"}}, "estimator.name: expected one of"),
     ({"estimator": {"hpgd": {"num_envs": 0}}}, "estimator.hpgd.num_envs: expected an int >= 1, got 0"),

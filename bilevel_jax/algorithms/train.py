@@ -20,8 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from bilevel_jax.algorithms.ascent import hypergradient_ascent
 from bilevel_jax.algorithms.base import Algorithm
 from bilevel_jax.errors import BilevelJaxError, InvalidArgumentError
-from bilevel_jax.estimators.base import Estimator
-from bilevel_jax.problem import check_problem
+from bilevel_jax.estimators.base import Estimator, check_problem_for, make_estimator
 
 
 class NonFiniteError(BilevelJaxError, FloatingPointError):
@@ -84,7 +83,12 @@ def train(problem, method: Estimator | Algorithm | str, optimizer: optax.Gradien
       NonFiniteError: naming the first iteration with a NaN or inf in `x` or the gradient. The
         last finite state is `error.last_good_state`.
     """
-    check_problem(problem, x0)
+    if isinstance(method, Algorithm):
+        # A ready Algorithm checks what it needs itself (model or not); here only the form.
+        needs = Estimator(None, None, simulator=True)
+    else:
+        needs = make_estimator(method, **estimator_options)
+    check_problem_for(problem, x0, needs, method if isinstance(method, str) else "method")
     if not isinstance(num_iters, int) or num_iters < 1:
         raise InvalidArgumentError(f"num_iters: expected an int >= 1, got {num_iters!r}")
     if not isinstance(chunk_size, int) or chunk_size < 1:

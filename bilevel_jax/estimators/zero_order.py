@@ -4,7 +4,9 @@
 
 `F` is exact (`values="model"`: followers solved to tolerance, warm-started, and the leader's
 value by one linear solve) or a Monte-Carlo estimate from rollouts of the follower's policy
-(`values="rollout"`).
+(`values="rollout"`). On a `bj.SimulatorProblem` the model-free form of
+`bilevel_jax.estimators.sample_zero_order` runs instead (chosen at trace time by the problem's
+type): `F` from rollouts of followers fitted by `learner` at `x` and at `x + u z`.
 
 With exact values, each evaluation solves every context in turn (`lax.map`, not `vmap`), so each
 follower's sweeps stop at its own tolerance rather than at the slowest context's. `F(x)` warm-starts from the previous step's solutions; the shifted points
@@ -12,6 +14,8 @@ follower's sweeps stop at its own tolerance rather than at the slowest context's
 """
 
 from __future__ import annotations
+
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +26,7 @@ from bilevel_jax.core.evaluation import policy_evaluation
 from bilevel_jax.core.rollout import sample_trajectories
 from bilevel_jax.core.soft_vi import soft_value_iteration
 from bilevel_jax.errors import InvalidArgumentError
-from bilevel_jax.estimators.base import Estimator, register
+from bilevel_jax.estimators.base import Estimator, check_positive_ints, is_simulator, register
 from bilevel_jax.estimators.exact import zero_q
 
 
@@ -66,18 +70,64 @@ def _rollout_objective(problem, x, key, num_envs, num_steps):
 
 
 def zero_order(*, smoothing: float = 0.1, num_directions: int = 1, decay: bool = True,
-               values: str = "model", num_envs: int = 64, num_steps: int = 500) -> Estimator:
-    """Gaussian-smoothing estimator with `u_t = smoothing / t` (`decay=False`: constant `u`)."""
+               values: str = "model", num_envs: int = 64, num_steps: int = 500,
+               learner="soft_dqn", learner_options: dict | None = None,
+               shifted: str = "warm") -> Estimator:
+    """Gaussian-smoothing estimator with `u_t = smoothing / t` (`decay=False`: constant `u`).
+
+    Args:
+      smoothing, decay: `u_t = smoothing / t` at the estimator's `t`-th step (constant when
+        `decay=False`).
+      num_directions: Gaussian directions `z_j` per estimate (the average of their forward
+        differences).
+      values: tabular problems: `"model"` (exact `F`) or `"rollout"` (Monte-Carlo `F`).
+        Simulator problems always estimate `F` from rollouts.
+      num_envs, num_steps: the rollouts of each Monte-Carlo `F` (`N` first episodes, each cut
+        at `T` steps).
+      learner, learner_options (simulator problems): the follower, a `bj.learners` name built
+        with `learner_options` or a ready-made `Learner` (as `hpgd`'s); the follower at `x` is
+        warm-started in the estimator state.
+      shifted (simulator problems): the follower at `x + u z`: `"warm"` (its own learner state
+        kept in the estimator state) or `"fresh"` (a new `init` every step, the CB-RL baseline).
+    """
     if values not in ("model", "rollout"):
         raise InvalidArgumentError(f"values: expected 'model' or 'rollout', got {values!r}")
     if smoothing <= 0 or num_directions < 1:
         raise InvalidArgumentError(
             f"smoothing / num_directions: expected > 0 and >= 1, got {smoothing}, {num_directions}")
+    check_positive_ints(num_envs=num_envs, num_steps=num_steps)
+    if not (isinstance(learner, str) or _is_learner(learner)):
+        raise InvalidArgumentError(
+            f"learner: expected a learner name or a bj.learners.Learner, got {learner!r}")
+    if learner_options is not None and not isinstance(learner_options, dict):
+        raise InvalidArgumentError(
+            f"learner_options: expected a dict or None, got {learner_options!r}")
+    if shifted not in ("warm", "fresh"):
+        raise InvalidArgumentError(f"shifted: expected 'warm' or 'fresh', got {shifted!r}")
+    sample_fns = []
+
+    def simulator_fns():
+        """`(init, update)` of the model-free form, built on first use: it imports gymnax
+        (through `bilevel_jax.sim`), which must not load before `jax.distributed`."""
+        if not sample_fns:
+            from bilevel_jax.estimators import sample_zero_order  # noqa: PLC0415
+            from bilevel_jax.learners import make_learner  # noqa: PLC0415
+            cfg = sample_zero_order.SampleZeroOrderConfig(
+                smoothing=smoothing, num_directions=num_directions, decay=decay,
+                num_envs=num_envs, num_steps=num_steps, shifted=shifted)
+            sample_zero_order.check_sample_options(cfg)
+            follower = make_learner(learner, **(learner_options or {}))
+            sample_fns.append(sample_zero_order.sample_zero_order(follower, cfg))
+        return sample_fns[0]
 
     def init(problem, x):
+        if is_simulator(problem):
+            return simulator_fns()[0](problem, x)
         return {"step": jnp.zeros((), jnp.int32), "q": zero_q(problem, x)}
 
     def update(problem, x, state, key):
+        if is_simulator(problem):
+            return simulator_fns()[1](problem, x, state, key)
         x_flat, unravel = ravel_pytree(x)
         step = state["step"] + 1
         u = smoothing / step if decay else jnp.asarray(smoothing)
@@ -106,7 +156,13 @@ def zero_order(*, smoothing: float = 0.1, num_directions: int = 1, decay: bool =
                 "follower_residual": jnp.zeros((), x_flat.dtype)}
         return unravel(grad), {"step": step, "q": jax.lax.stop_gradient(q)}, info
 
-    return Estimator(init, update, exact_objective=values == "model")
+    # Only the tabular model form's objective is exact; the simulator form's is an estimate.
+    return Estimator(init, update, exact_objective=values == "model", simulator=True)
 
 
-register("zero_order", zero_order)
+def _is_learner(value) -> bool:
+    module = sys.modules.get("bilevel_jax.learners.base")
+    return module is not None and isinstance(value, module.Learner)
+
+
+register("zero_order", zero_order, simulator=True)

@@ -110,6 +110,7 @@ _OPTION_CHOICES = {
     ("hpgd", "baseline"): ("advantage", "none"),
     ("hpgd", "contexts"): ("sample", "all"),
     ("zero_order", "values"): ("model", "rollout"),
+    ("zero_order", "shifted"): ("warm", "fresh"),
 }
 
 
@@ -135,6 +136,15 @@ def _estimator_fields_cached(name: str, factory) -> dict[str, Field]:
             param.annotation, "__name__", "")
         tokens = {t.strip() for t in str(annotation).split("|")} if annotation != inspect.Parameter.empty else set()
         nullable = default is None or "None" in tokens
+        if "dict" in tokens:
+            # Options handed on whole (e.g. `learner_options`); their receiver checks them.
+            fields[param.name] = Field("mapping", default, nullable=nullable)
+            continue
+        if (isinstance(default, tuple) and default
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in default)):
+            # Widths and the like (e.g. `critic_hidden`); a list keeps the config plain YAML.
+            fields[param.name] = Field("int_list", list(default), low=1)
+            continue
         if "bool" in tokens or isinstance(default, bool):
             kind = "bool"
         elif "float" in tokens or isinstance(default, float):
@@ -479,16 +489,52 @@ def _check_points(config: dict) -> None:
                     check({k: v for k, v in problem.items() if k != "name"})
                 except ConfigError as err:
                     raise ConfigError(f"{err}{where}") from None
+        simulator = problem_spec(problem["name"]).simulator
+        if simulator:
+            _check_simulator_point(point, where)
         if algorithm["name"] == "ascent":
             name = point["estimator"]["name"]
             options = point["estimator"][name]
-            signature = json.dumps([name, options], sort_keys=True)
+            signature = json.dumps([name, options, simulator], sort_keys=True)
             if signature not in seen_estimator:
                 seen_estimator.add(signature)
                 try:
                     make_estimator(name, **options)
+                    if simulator:
+                        _check_learner(name, options)
                 except (ValueError, TypeError) as err:
                     raise ConfigError(f"estimator.{name}: {err}{where}") from None
+
+
+def _check_simulator_point(point: dict, where: str) -> None:
+    """A simulator problem has no model: a model-free estimator, no exact objective."""
+    from bilevel_jax.estimators import base
+
+    name = point["estimator"]["name"]
+    if name not in base._SIMULATOR_METHODS:
+        raise ConfigError(f"estimator.name: problem {point['problem']['name']!r} is a simulator "
+                          f"problem (no model); expected a model-free method, one of "
+                          f"{sorted(base._SIMULATOR_METHODS)}, got {name!r}{where}")
+    if point["algorithm"]["track_objective"]:
+        raise ConfigError(f"algorithm.track_objective: problem {point['problem']['name']!r} is a "
+                          f"simulator problem, without a model to solve for the exact F; "
+                          f"expected false, got true{where}")
+
+
+def _check_learner(name: str, options: dict) -> None:
+    """The estimator's follower learner is built on first use: build it here, so that a bad
+    `learner` / `learner_options` is refused before anything runs (imports gymnax, which a
+    simulator problem needs anyway)."""
+    if "learner" not in options:
+        return
+    from bilevel_jax.learners import make_learner
+
+    try:
+        make_learner(options["learner"], **(options.get("learner_options") or {}))
+    except ValueError as err:
+        key = "learner" if str(err).startswith("learner:") else "learner_options"
+        message = str(err).removeprefix("learner: ")
+        raise ConfigError(f"{key}: {message}") from None
 
 
 def load_config(path: str, overrides: Iterable[str] = ()) -> dict:

@@ -1,5 +1,7 @@
-"""Typed config fields: one `Field` per scalar key, with its type, range, default and whether it
-may vary inside one compiled program (a traced scalar)."""
+"""Typed config fields: one `Field` per key, with its type, range, default and whether it may
+vary inside one compiled program (a traced scalar). Most keys are scalars; "int_list" (e.g. a
+network's hidden widths) and "mapping" (options handed on to a component, e.g. a learner's) are
+structural."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import Any
 
 from bilevel_jax.errors import BilevelJaxError
 
-KINDS = ("int", "float", "bool", "str")
+KINDS = ("int", "float", "bool", "str", "int_list", "mapping")
 
 
 class ConfigError(BilevelJaxError, ValueError):
@@ -18,10 +20,12 @@ class ConfigError(BilevelJaxError, ValueError):
 
 @dataclass(frozen=True)
 class Field:
-    """One scalar config key.
+    """One config key.
 
     Attributes:
-      kind: "int", "float" (ints are accepted and converted), "bool" or "str".
+      kind: "int", "float" (ints are accepted and converted), "bool", "str", "int_list" (a
+        non-empty list of ints, each within `low`/`high`) or "mapping" (string keys to any
+        YAML values, checked by whoever receives them).
       default: the value when the key is absent.
       low, high: inclusive bounds (`low_open` / `high_open` make them strict).
       choices: allowed values of a "str" field.
@@ -46,6 +50,11 @@ class Field:
     def expected(self) -> str:
         if self.kind == "bool":
             text = "true or false"
+        elif self.kind == "mapping":
+            text = "a mapping of names to values"
+        elif self.kind == "int_list":
+            bound = "" if self.low is None else f" >= {_fmt(self.low)}"
+            text = f"a non-empty list of ints{bound}"
         elif self.kind == "str":
             text = f"one of {list(self.choices)}" if self.choices else "a string"
         else:
@@ -74,6 +83,16 @@ class Field:
             if not isinstance(value, str) or (self.choices and value not in self.choices):
                 raise self.error(path, value)
             return value
+        if self.kind == "mapping":
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                raise self.error(path, value)
+            return dict(value)
+        if self.kind == "int_list":
+            # A list (not a tuple) so the resolved config stays JSON and YAML as written.
+            if not isinstance(value, (list, tuple)) or not value:
+                raise self.error(path, value)
+            item = Field("int", low=self.low, high=self.high)
+            return [item.coerce(f"{path}[{i}]", v) for i, v in enumerate(value)]
         if isinstance(value, bool):
             raise self.error(path, value)
         original = value
@@ -126,3 +145,13 @@ def _show(value: Any) -> str:
 def show_value(value: Any) -> str:
     """A value as it would be written in YAML (for messages and labels)."""
     return _show(value) if not isinstance(value, str) else value
+
+
+def show_default(value: Any) -> str:
+    """`show_value`, with lists and mappings written out in YAML's flow style (for listings;
+    messages say "a list" / "a mapping")."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(show_default(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {show_default(v)}" for k, v in value.items()) + "}"
+    return show_value(value)

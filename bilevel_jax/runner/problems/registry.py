@@ -15,6 +15,10 @@ A problem whose leader is not a `BilevelProblem` (RLHF, a game at the lower leve
 algorithms: `algorithms` lists the `algorithm.name` values it accepts and `make_algorithm(config,
 optimizer, algorithm_section)` builds them (`algorithm_section` has the traced values filled in).
 Without it, the generic `ascent` (any estimator) and `pbrl` of `bilevel_jax.algorithms` run.
+
+A `simulator=True` problem builds a `bj.SimulatorProblem` (no model): the config then accepts
+only the model-free estimators (`check_problem_for`'s) and no exact objective tracking
+(`simulator_<name>` in `problems/simulator.py` wraps every tabular problem this way).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class ProblemSpec:
     doc: str = ""
     algorithms: tuple[str, ...] = GENERIC_ALGORITHMS
     make_algorithm: Callable[[dict, Any, dict], Any] | None = None
+    simulator: bool = False
 
 
 _PROBLEMS: dict[str, ProblemSpec] = {}
@@ -53,7 +58,8 @@ def register_problem(name: str, builder: Callable[[dict], tuple[Any, Any]], *,
                      fields: dict[str, Field], check: Callable[[dict], None] | None = None,
                      apply_traced: Callable[[Any, dict, dict], Any] = _replace, doc: str = "",
                      algorithms: tuple[str, ...] = GENERIC_ALGORITHMS,
-                     make_algorithm: Callable[[dict, Any, dict], Any] | None = None) -> None:
+                     make_algorithm: Callable[[dict, Any, dict], Any] | None = None,
+                     simulator: bool = False) -> None:
     """Makes `problem.name: NAME` available in configs.
 
     Args:
@@ -66,11 +72,12 @@ def register_problem(name: str, builder: Callable[[dict], tuple[Any, Any]], *,
       algorithms: the `algorithm.name` values this problem runs.
       make_algorithm: `(config, optimizer, algorithm_section) -> Algorithm`, for problems that
         bring their own algorithms (None: the generic `ascent` and `pbrl`).
+      simulator: the builder returns a `bj.SimulatorProblem` (see the module doc).
     """
     if "name" in fields:
         raise ValueError("fields: 'name' is reserved for the problem's name")
     _PROBLEMS[name] = ProblemSpec(name, builder, dict(fields), check, apply_traced, doc,
-                                  tuple(algorithms), make_algorithm)
+                                  tuple(algorithms), make_algorithm, simulator)
 
 
 def problem_names() -> tuple[str, ...]:
