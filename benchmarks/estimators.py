@@ -2,7 +2,8 @@
 
     python benchmarks/estimators.py [--quick] [--json PATH] [--seeds N] [--time-budget S]
                                     [--methods REGEX] [--problems REGEX] [--no-four-rooms]
-                                    [--extra MODULE:FUNCTION ...] [--resume] [--no-plot]
+                                    [--extra MODULE:FUNCTION ...] [--resume] [--no-simulator]
+                                    [--no-plot]
 
 For each problem (random bilevel MDPs of SPEC 7.6 and the Four-Rooms reward-shaping problem of
 SPEC 7.1) the exact hypergradient `grad F(x)` is computed once (implicit differentiation, float64),
@@ -19,6 +20,15 @@ Reported per (problem, estimator, budget):
               (Bellman sweeps summed over contexts, AMD / unrolled / exact), `evaluations`
               (of `F`, zero-order);
 * ms/call     best wall time of one jitted, non-vmapped `update` (compilation excluded).
+
+Model-free rows (`simulator_candidates`: `hpgd_sim_branching`, `hpgd_sim_single_batch`,
+`hpgd_sim_soft_q`, `zero_order_sim`) run on `bj.sim.as_simulator` of the random problems (with
+`--quick`, of the two S=10 ones), against the same exact gradient; rows marked `warm=K` are
+measured from the state after K outer steps at the fixed `x` (learner and critics warm), all
+others from `init`. The JSON's `variance_ratio_branching_over_single_sim` (and `_tabular`, for
+`hpgd-unbiased` over `hpgd`) is, per problem, the branching variant's variance over the
+single-batch variant's at equal transitions (variance times transitions per call); the target
+of issue 12 is <= 10.
 
 Deterministic estimators (same output for two keys) are called only a few times; expensive rows
 stop drawing seeds after `--time-budget` seconds of calls (at least 4 seeds; the row says how
@@ -88,17 +98,27 @@ import bilevel_jax as bj  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # Options left out of the budget column (they are the same across a family's rows).
-_HIDDEN_OPTIONS = ("contexts", "estimate_variance", "values")
+_HIDDEN_OPTIONS = ("contexts", "estimate_variance", "values", "learner_options")
 
 
 class Candidate(NamedTuple):
-    """One estimator configuration to compare (see the module docstring)."""
+    """One estimator configuration to compare (see the module docstring).
+
+    The optional trailing fields serve the model-free (simulator) rows: `simulator=True` runs
+    the candidate on `bj.sim.as_simulator(case.problem)` (the exact gradient is still the
+    tabular problem's); `warm_steps > 0` first takes that many outer steps at the fixed `x`
+    (distinct keys) and measures every seed from the resulting state, with the estimator built
+    from `warm_options` (default: `options`; same state structure) for the warm-up only.
+    """
 
     label: str
     method: str | bj.Estimator
     options: dict
     cost_label: str
     cost: float | Callable[[dict], float] | None = None
+    simulator: bool = False
+    warm_steps: int = 0
+    warm_options: dict | None = None
 
 
 class ProblemCase(NamedTuple):
@@ -183,6 +203,63 @@ def default_candidates(quick: bool = False, kind: str = "random") -> list[Candid
     return cands
 
 
+def simulator_candidates(quick: bool = False, case: ProblemCase | None = None) -> list[Candidate]:
+    """Model-free rows, run on `bj.sim.as_simulator` of a tabular problem (so `exact` is known).
+
+    * `hpgd_sim_branching`: `unbiased=True` with the exact soft-optimal follower
+      (`soft_vi_tabular`), cold start (it has no critic);
+    * `hpgd_sim_single_batch`: the default `unbiased=False`, exact-policy learner, its critics
+      warm-started by `warm_steps` outer steps at the fixed `x`; the budget is chosen so its
+      transitions per call match the branching row's (~16k per context);
+    * `hpgd_sim_soft_q`: the default form with a learning follower (`soft_q_tabular`),
+      follower and critics warm-started (long fits), then measured with short warm fits; its
+      cost adds the learner's own transitions per call;
+    * `zero_order_sim`: forward differences of rollout returns, exact-policy learner.
+    """
+    contexts = case.problem.num_contexts if case is not None else 1
+    hp = dict(contexts="all", estimate_variance=False)
+    exact_follower = dict(learner="soft_vi_tabular")
+    critics = dict(critic_hidden=(32,), critic_steps=10)
+    soft_q = dict(num_envs=16, step_exponent=0.6)
+    soft_q_updates = 10
+    warm = 40 if quick else 100
+    learner_samples = contexts * soft_q["num_envs"] * soft_q_updates
+    cands = [
+        Candidate("hpgd_sim_branching", "hpgd",
+                  dict(unbiased=True, num_envs=16, samples_per_trajectory=4, horizon=60,
+                       **exact_follower, **hp), "samples", simulator=True),
+        Candidate("hpgd_sim_single_batch", "hpgd",
+                  dict(num_envs=64, num_steps=256, **critics, **exact_follower, **hp),
+                  "samples", simulator=True, warm_steps=warm),
+        Candidate("hpgd_sim_soft_q", "hpgd",
+                  dict(num_envs=16, num_steps=64, critic_hidden=(32,), critic_steps=5,
+                       learner="soft_q_tabular",
+                       learner_options=dict(soft_q, num_updates=soft_q_updates), **hp),
+                  "samples", lambda info: info["samples"] + learner_samples, simulator=True,
+                  warm_steps=10 if quick else 20,
+                  warm_options=dict(num_envs=16, num_steps=64, critic_hidden=(32,),
+                                    critic_steps=50, learner="soft_q_tabular",
+                                    learner_options=dict(soft_q, num_updates=300), **hp)),
+        Candidate("zero_order_sim", "zero_order",
+                  dict(num_directions=16, num_envs=32, num_steps=64, **exact_follower),
+                  "samples", simulator=True),
+    ]
+    if not quick:
+        cands.insert(1, Candidate("hpgd_sim_branching", "hpgd",
+                                  dict(unbiased=True, num_envs=64, samples_per_trajectory=4,
+                                       horizon=60, **exact_follower, **hp),
+                                  "samples", simulator=True))
+        cands.insert(3, Candidate("hpgd_sim_single_batch", "hpgd",
+                                  dict(num_envs=256, num_steps=256, **critics, **exact_follower,
+                                       **hp), "samples", simulator=True, warm_steps=warm))
+    return cands
+
+
+def _simulator_case(case: ProblemCase) -> bool:
+    """Simulator rows run on the random problems (Four-Rooms' S=104 sim rows are left out)."""
+    return case.kind == "random"
+
+
 def load_extra(spec: str, quick: bool = False) -> list[Candidate]:
     """Candidates from `MODULE:FUNCTION` (a module name or a path to a `.py` file)."""
     if ":" not in spec:
@@ -217,7 +294,36 @@ def _budget(c: Candidate) -> str:
     if not isinstance(c.method, str):
         return "custom"
     parts = [f"{k}={v}" for k, v in c.options.items() if k not in _HIDDEN_OPTIONS]
+    if len(c) > 6 and c.warm_steps:
+        parts.append(f"warm={c.warm_steps}")
     return " ".join(parts) if parts else "-"
+
+
+def variance_ratios(rows: list[dict], branching: str, single: str) -> dict:
+    """Per problem: the branching rows' per-coordinate variance over the single-batch rows', at
+    equal transitions (each variance times its transitions per call, i.e. the variance
+    rescaled to one common budget, since variance ~ 1/transitions); the best (lowest-cost
+    product) row of each family where a family has several budgets."""
+    out = {}
+    for problem in dict.fromkeys(r["problem"] for r in rows):
+        def best(label):
+            cands = [r for r in rows if r["problem"] == problem and r["method"] == label
+                     and not r.get("error") and r.get("cost") and r.get("rel_variance")
+                     and math.isfinite(r["rel_variance"])]
+            return min(cands, key=lambda r: r["rel_variance"] * r["cost"], default=None)
+        b, s = best(branching), best(single)
+        if b is None or s is None:
+            continue
+        out[problem] = {
+            "ratio": b["rel_variance"] * b["cost"] / (s["rel_variance"] * s["cost"]),
+            "raw_ratio": b["rel_variance"] / s["rel_variance"],
+            "branching": {"budget": b["budget"], "transitions": b["cost"],
+                          "rel_variance": b["rel_variance"]},
+            "single": {"budget": s["budget"], "transitions": s["cost"],
+                       "rel_variance": s["rel_variance"]},
+            "within_10x": b["rel_variance"] * b["cost"] <= 10 * s["rel_variance"] * s["cost"],
+        }
+    return out
 
 
 def _scalar_info(info: dict) -> dict:
@@ -250,8 +356,12 @@ def _measure(case: ProblemCase, cand: Candidate, g_ref: np.ndarray, seeds: int,
              base_key: jax.Array, timing_calls: int, time_budget: float | None,
              min_seeds: int) -> dict:
     est = bj.make_estimator(cand.method, **cand.options)
-    state = est.init(case.problem, case.x)
-    problem = case.problem
+    problem = bj.sim.as_simulator(case.problem) if cand.simulator else case.problem
+    state = est.init(problem, case.x)
+    if cand.simulator:
+        # Rollout programs compile about 3x faster with rbg keys (tests/test_sample_hpgd.py).
+        base_key = jax.random.key(int(jax.random.randint(base_key, (), 0, 2**31 - 1)),
+                                  impl="unsafe_rbg")
 
     def call(x, state, key):
         grad, _, info = est.update(problem, x, state, key)
@@ -261,6 +371,20 @@ def _measure(case: ProblemCase, cand: Candidate, g_ref: np.ndarray, seeds: int,
         if variance is not None:
             scalars["variance_estimate"] = jnp.mean(ravel_pytree(variance)[0])
         return ravel_pytree(grad)[0], scalars
+
+    warm_s = 0.0
+    if cand.warm_steps:
+        # Warm start (learner and critics) by outer steps at the fixed x, then every seed is
+        # measured from the same warmed state.
+        warm_est = (bj.make_estimator(cand.method, **cand.warm_options)
+                    if cand.warm_options is not None else est)
+        warm_step = jax.jit(lambda x, state, key: warm_est.update(problem, x, state, key)[1])
+        warm_key = jax.random.fold_in(base_key, 10**6)
+        start = time.perf_counter()
+        for i in range(cand.warm_steps):
+            state = warm_step(case.x, state, jax.random.fold_in(warm_key, i))
+        jax.block_until_ready(state)
+        warm_s = time.perf_counter() - start
 
     update = jax.jit(call)
     keys = [jax.random.fold_in(base_key, i) for i in range(seeds)]
@@ -331,6 +455,8 @@ def _measure(case: ProblemCase, cand: Candidate, g_ref: np.ndarray, seeds: int,
         "variance_self_ratio": float(var_est / np.mean(var)) if np.mean(var) > 0 else math.nan,
         "ms_per_call": 1e3 * min(times), "compile_s": compile_s,
         "follower_residual": info.get("follower_residual"),
+        "simulator": bool(cand.simulator), "warm_steps": int(cand.warm_steps),
+        "warm_s": warm_s,
         "error": None,
     }
 
@@ -476,14 +602,38 @@ def markdown_report(rows, meta) -> str:
         "jitted call, compilation excluded. HPGD rows use `contexts=\"all\"` (both contexts per "
         "call, sample cost counts both) and `estimate_variance=False`.",
         "",
+        "Rows `*_sim*` are the model-free estimators on `bj.sim.as_simulator` of the same "
+        "problem (same exact gradient), cost in transitions per call: `hpgd_sim_branching` "
+        "(`unbiased=True`, exact soft-optimal follower `soft_vi_tabular`, cold), "
+        "`hpgd_sim_single_batch` (default `unbiased=False`, exact-policy learner, critics "
+        "warm-started by `warm=` outer steps at the fixed x; every seed starts from that state), "
+        "`hpgd_sim_soft_q` (default form, learning follower `soft_q_tabular` warm-started, cost "
+        "includes its own transitions) and `zero_order_sim` (rollout returns, exact-policy "
+        "learner; it estimates the smoothed gradient).",
+        "",
         markdown_table(rows),
         "",
+        _ratio_lines(meta),
     ])
+
+
+def _ratio_lines(meta) -> str:
+    lines = []
+    for kind in ("sim", "tabular"):
+        ratios = meta.get(f"variance_ratio_branching_over_single_{kind}")
+        if not ratios:
+            continue
+        lines.append(f"Variance ratio branching / single-batch at equal transitions ({kind}; "
+                     "target <= 10): " + "; ".join(
+                         f"{p}: {_fmt(r['ratio'])}" for p, r in ratios.items()) + ".")
+    return "\n\n".join(lines) + ("\n" if lines else "")
 
 
 FAMILY_COLORS = {"amd": "tab:blue", "unrolled": "tab:orange", "hpgd": "tab:green",
                  "hpgd-unbiased": "tab:red", "hpgd-warm20": "tab:olive",
-                 "zero_order": "tab:purple"}
+                 "zero_order": "tab:purple", "hpgd_sim_branching": "tab:pink",
+                 "hpgd_sim_single_batch": "tab:cyan", "hpgd_sim_soft_q": "tab:brown",
+                 "zero_order_sim": "tab:gray"}
 COST_MARKERS = {"samples": "o", "sweeps": "s", "evaluations": "^"}
 
 
@@ -497,7 +647,7 @@ def plot(rows: list[dict], path: str) -> None:
             and r.get("cost") and r["cost"] > 0 and r["rel_error_mean"] > 0]
     problems = list(dict.fromkeys(r["problem"] for r in rows if r["method"] == "reference"))
     families = list(dict.fromkeys(r["method"] for r in data))
-    palette = iter(["tab:brown", "tab:pink", "tab:gray", "tab:cyan", "black"] * 4)
+    palette = iter(["black", "gold", "navy", "lime", "maroon"] * 4)
     colors = {f: FAMILY_COLORS.get(f) or next(palette) for f in families}
     ncols = 2 if len(problems) <= 4 else 4
     ncols = min(ncols, len(problems))
@@ -560,6 +710,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true",
                         help="keep the problems already in the JSON (e.g. of a killed run) and "
                              "run only the others")
+    parser.add_argument("--no-simulator", action="store_true",
+                        help="skip the model-free rows (*_sim*, on bj.sim.as_simulator problems)")
     parser.add_argument("--no-plot", action="store_true")
     return parser.parse_args(argv)
 
@@ -584,8 +736,17 @@ def main(argv=None):
         problems = [p for p in problems if re.search(args.problems, p.label)]
     extra = [c for spec in args.extra for c in load_extra(spec, args.quick)]
 
+    # Quick: the simulator rows on the S=10 problems only (their compiles dominate).
+    sim_labels = {p.label for p in (problems[:2] if args.quick else problems)
+                  if _simulator_case(p)}
+    if args.no_simulator:
+        sim_labels = set()
+
     def candidates(case: ProblemCase):
-        cands = default_candidates(args.quick, case.kind) + extra
+        cands = default_candidates(args.quick, case.kind)
+        if case.label in sim_labels:
+            cands += simulator_candidates(args.quick, case)
+        cands += extra
         if args.methods:
             cands = [c for c in cands if re.search(args.methods, c.label)]
         return cands
@@ -620,8 +781,13 @@ def main(argv=None):
                                     on_problem_done=save_partial)
     rows.sort(key=lambda r: order.get(r["problem"], len(order)))     # grid order after --resume
     final = meta(False)
+    final["variance_ratio_branching_over_single_sim"] = variance_ratios(
+        rows, "hpgd_sim_branching", "hpgd_sim_single_batch")
+    final["variance_ratio_branching_over_single_tabular"] = variance_ratios(
+        rows, "hpgd-unbiased", "hpgd")
     report = markdown_report(rows, final)
     print("\n" + markdown_table(rows))
+    print("\n" + _ratio_lines(final))
     print(f"\nruntime {final['runtime_s']:.0f} s")
     common.write_json(json_path, _finite_or_none({**final, "rows": rows}))
     with open(stem + ".md", "w") as handle:
