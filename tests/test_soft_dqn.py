@@ -80,7 +80,9 @@ def test_sequential_and_batched_members_agree(random_problem):
     contexts = jax.tree_util.tree_map(lambda a: a[:2], problem.contexts)
     params = []
     for sequential in (True, False):
-        learner = make_learner("soft_dqn", **{**SMALL, "num_updates": 30, "learning_starts": 0,
+        learner = make_learner("soft_dqn", **{**SMALL, "hidden": (16,), "buffer_size": 256,
+                                              "batch_size": 32, "num_updates": 30,
+                                              "learning_starts": 0,
                                               "sequential_members": sequential})
         fit = jax.jit(jax.vmap(lambda k, c: learner.update(
             problem, x0, c, learner.init(problem, x0, c, k), k)[0].params))
