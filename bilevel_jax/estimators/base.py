@@ -70,6 +70,18 @@ def check_problem_for(problem, x, estimator: Estimator, method: str = "this meth
     check_simulator(problem)
 
 
+def check_learner_option(learner, learner_options) -> None:
+    """The model-free estimators' `learner` (a registered name or a `bj.learners.Learner`) and
+    `learner_options` (a dict or None); checked without importing the learners (gymnax)."""
+    module = sys.modules.get("bilevel_jax.learners.base")
+    if not (isinstance(learner, str) or (module is not None and isinstance(learner, module.Learner))):
+        raise InvalidArgumentError(
+            f"learner: expected a learner name or a bj.learners.Learner, got {learner!r}")
+    if learner_options is not None and not isinstance(learner_options, dict):
+        raise InvalidArgumentError(
+            f"learner_options: expected a dict or None, got {learner_options!r}")
+
+
 def check_positive_ints(allow_none: tuple[str, ...] = (), **options) -> None:
     """Raises `InvalidArgumentError` naming the first option that is not an int >= 1."""
     for name, value in options.items():

@@ -44,7 +44,6 @@ run exactly its own estimate.
 from __future__ import annotations
 
 import math
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +56,8 @@ from bilevel_jax.core.rollout import (concrete_value, materialize, run_rows, sam
 from bilevel_jax.core.soft_vi import soft_bellman_operator, soft_greedy_policy, soft_value
 from bilevel_jax.errors import InvalidArgumentError
 from bilevel_jax.estimators import model
-from bilevel_jax.estimators.base import Estimator, check_positive_ints, is_simulator, register
+from bilevel_jax.estimators.base import (Estimator, check_learner_option, check_positive_ints,
+                                         is_simulator, register)
 from bilevel_jax.estimators.exact import zero_q
 from bilevel_jax.problem import map_contexts
 from bilevel_jax.estimators.oracles import dynamic_sweeps, make_oracle
@@ -421,12 +421,7 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
                         max_episode_steps=max_episode_steps, horizon=horizon)
     if not learning_rate > 0:
         raise InvalidArgumentError(f"learning_rate: expected a number > 0, got {learning_rate!r}")
-    if not (isinstance(learner, str) or _is_learner(learner)):
-        raise InvalidArgumentError(
-            f"learner: expected a learner name or a bj.learners.Learner, got {learner!r}")
-    if learner_options is not None and not isinstance(learner_options, dict):
-        raise InvalidArgumentError(
-            f"learner_options: expected a dict or None, got {learner_options!r}")
+    check_learner_option(learner, learner_options)
     check_positive_ints(samples_per_trajectory=samples_per_trajectory, critic_steps=critic_steps)
     sample_cfg = dict(num_envs=num_envs, num_steps=num_steps, unbiased=unbiased, horizon=horizon,
                       samples_per_trajectory=samples_per_trajectory,
@@ -544,11 +539,6 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
         return unravel(grad), {"q": new_q}, info
 
     return Estimator(init, update, simulator=True)
-
-
-def _is_learner(value) -> bool:
-    module = sys.modules.get("bilevel_jax.learners.base")
-    return module is not None and isinstance(value, module.Learner)
 
 
 register("hpgd", hpgd, simulator=True)

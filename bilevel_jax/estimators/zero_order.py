@@ -15,7 +15,6 @@ follower's sweeps stop at its own tolerance rather than at the slowest context's
 
 from __future__ import annotations
 
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +25,8 @@ from bilevel_jax.core.evaluation import policy_evaluation
 from bilevel_jax.core.rollout import sample_trajectories
 from bilevel_jax.core.soft_vi import soft_value_iteration
 from bilevel_jax.errors import InvalidArgumentError
-from bilevel_jax.estimators.base import Estimator, check_positive_ints, is_simulator, register
+from bilevel_jax.estimators.base import (Estimator, check_learner_option, check_positive_ints,
+                                         is_simulator, register)
 from bilevel_jax.estimators.exact import zero_q
 
 
@@ -96,12 +96,7 @@ def zero_order(*, smoothing: float = 0.1, num_directions: int = 1, decay: bool =
         raise InvalidArgumentError(
             f"smoothing / num_directions: expected > 0 and >= 1, got {smoothing}, {num_directions}")
     check_positive_ints(num_envs=num_envs, num_steps=num_steps)
-    if not (isinstance(learner, str) or _is_learner(learner)):
-        raise InvalidArgumentError(
-            f"learner: expected a learner name or a bj.learners.Learner, got {learner!r}")
-    if learner_options is not None and not isinstance(learner_options, dict):
-        raise InvalidArgumentError(
-            f"learner_options: expected a dict or None, got {learner_options!r}")
+    check_learner_option(learner, learner_options)
     if shifted not in ("warm", "fresh"):
         raise InvalidArgumentError(f"shifted: expected 'warm' or 'fresh', got {shifted!r}")
     sample_fns = []
@@ -158,11 +153,6 @@ def zero_order(*, smoothing: float = 0.1, num_directions: int = 1, decay: bool =
 
     # Only the tabular model form's objective is exact; the simulator form's is an estimate.
     return Estimator(init, update, exact_objective=values == "model", simulator=True)
-
-
-def _is_learner(value) -> bool:
-    module = sys.modules.get("bilevel_jax.learners.base")
-    return module is not None and isinstance(value, module.Learner)
 
 
 register("zero_order", zero_order, simulator=True)

@@ -37,6 +37,16 @@ class SoftQTabularState:
     temperature: Array  # the problem's lam (policy and value see only the state)
 
 
+def table_policy(state, obs) -> Array:
+    """Logits `Q[s] / lam` of a Q-table learner's state (fields `q [S, A]`, `temperature`)."""
+    return state.q[_state_index(obs)] / state.temperature
+
+
+def table_value(state, obs) -> Array:
+    """Soft value `lam logsumexp(Q[s] / lam)` of a Q-table learner's state."""
+    return soft_value(state.q[_state_index(obs)], state.temperature)
+
+
 def _state_index(obs: Array) -> Array:
     """Integer state of an index or one-hot observation."""
     obs = jnp.asarray(obs)
@@ -107,13 +117,7 @@ def soft_q_tabular(*, num_envs: int = 16, num_updates: int = 1_000, epsilon: flo
         loss = jnp.mean(losses)
         return state, {"loss": loss, "finite": all_finite(loss, state.q)}
 
-    def policy(state, obs):
-        return state.q[_state_index(obs)] / state.temperature
-
-    def value(state, obs):
-        return soft_value(state.q[_state_index(obs)], state.temperature)
-
-    return Learner(init=init, update=update, policy=policy, value=value,
+    return Learner(init=init, update=update, policy=table_policy, value=table_value,
                    reset_each_step=reset_each_step)
 
 

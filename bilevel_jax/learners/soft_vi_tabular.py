@@ -15,10 +15,10 @@ from flax import struct
 from jax import lax
 
 from bilevel_jax.core.mdp import TabularMDP
-from bilevel_jax.core.soft_vi import soft_value, soft_value_iteration
+from bilevel_jax.core.soft_vi import soft_value_iteration
 from bilevel_jax.errors import InvalidArgumentError
 from bilevel_jax.learners.base import Learner, all_finite, register
-from bilevel_jax.learners.soft_q_tabular import _state_index
+from bilevel_jax.learners.soft_q_tabular import table_policy, table_value
 
 Array = jax.Array
 
@@ -73,13 +73,7 @@ def soft_vi_tabular(*, tol: float | None = None, reset_each_step: bool = False) 
         return (state.replace(q=q, residual=loss),
                 {"loss": loss, "finite": all_finite(loss, q)})
 
-    def policy(state, obs):
-        return state.q[_state_index(obs)] / state.temperature
-
-    def value(state, obs):
-        return soft_value(state.q[_state_index(obs)], state.temperature)
-
-    return Learner(init=init, update=update, policy=policy, value=value,
+    return Learner(init=init, update=update, policy=table_policy, value=table_value,
                    reset_each_step=reset_each_step)
 
 
