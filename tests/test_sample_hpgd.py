@@ -173,6 +173,24 @@ def test_learning_follower_after_its_budget_points_along_the_exact_gradient():
     assert cos >= 0.9, (cos, rel, mean, exact)
 
 
+def test_soft_dqn_follower_after_its_budget_points_along_the_exact_gradient():
+    """The same check with a neural follower (soft DQN on one-hot observations), warm-started
+    through the estimator state: 3 outer steps of 1,000 updates, then 10 per estimate."""
+    _, _, simp, exact = _case(False)
+    dqn = dict(num_envs=8, hidden=(32, 32), learning_rate=3e-3, buffer_size=2_000,
+               batch_size=128, learning_starts=128, target_update_every=400,
+               epsilon_start=1.0, epsilon_end=0.3, epsilon_steps=500)
+    warm = bj.make_estimator("hpgd", learner="soft_dqn", critic_steps=50,
+                             learner_options=dict(dqn, num_updates=1_000), **DEFAULT)
+    state = _warm(simp, warm, _init(warm, simp), seed=7, num_steps=3)
+    estimator = bj.make_estimator("hpgd", learner="soft_dqn", critic_steps=5,
+                                  learner_options=dict(dqn, num_updates=10), **DEFAULT)
+    estimates = _estimates(simp, estimator, state, _keys(8, 100))
+    mean, se, rel, cos = _summary(estimates, exact)
+    print(f"soft_dqn follower: rel {rel:.3f} cos {cos:.4f}")
+    assert cos >= 0.9, (cos, rel, mean, exact)
+
+
 @pytest.mark.parametrize("method", ["exact", "amd", "naive", "unrolled"])
 def test_model_based_methods_refuse_a_simulator_problem(method):
     x, simp = _X, _SIMULATOR
