@@ -159,35 +159,30 @@ def test_single_batch_hpgd_with_learned_critics_is_within_ten_percent_under_jit_
     assert not np.allclose(estimates[0], estimates[1])
 
 
-def test_learning_follower_after_its_budget_points_along_the_exact_gradient():
-    _, _, simp, exact = _case(False)
-    learner = dict(num_envs=16, step_exponent=0.6)
-    warm = bj.make_estimator("hpgd", learner="soft_q_tabular", critic_steps=50,
-                             learner_options=dict(learner, num_updates=200), **DEFAULT)
-    state = _warm(simp, warm, _init(warm, simp), seed=5, num_steps=8)
-    estimator = bj.make_estimator("hpgd", learner="soft_q_tabular", critic_steps=5,
-                                  learner_options=dict(learner, num_updates=10), **DEFAULT)
-    estimates = _estimates(simp, estimator, state, _keys(6, 100))
-    mean, se, rel, cos = _summary(estimates, exact)
-    print(f"soft_q_tabular follower: rel {rel:.3f} cos {cos:.4f}")
-    assert cos >= 0.9, (cos, rel, mean, exact)
+SOFT_Q = dict(num_envs=16, step_exponent=0.6)
+SOFT_DQN = dict(num_envs=8, hidden=(32, 32), learning_rate=3e-3, buffer_size=2_000,
+                batch_size=128, learning_starts=128, target_update_every=400,
+                epsilon_start=1.0, epsilon_end=0.3, epsilon_steps=500)
 
 
-def test_soft_dqn_follower_after_its_budget_points_along_the_exact_gradient():
-    """The same check with a neural follower (soft DQN on one-hot observations), warm-started
-    through the estimator state: 3 outer steps of 1,000 updates, then 10 per estimate."""
+@pytest.mark.parametrize("learner, options, warm_updates, warm_steps, seed", [
+    ("soft_q_tabular", SOFT_Q, 200, 8, 5),
+    # a neural follower on one-hot observations: 3 outer steps of 1,000 updates
+    ("soft_dqn", SOFT_DQN, 1_000, 3, 7),
+])
+def test_learning_follower_after_its_budget_points_along_the_exact_gradient(
+        learner, options, warm_updates, warm_steps, seed):
+    """A learning follower warm-started through the estimator state (`warm_steps` outer steps
+    of `warm_updates` updates), then 10 updates per estimate."""
     _, _, simp, exact = _case(False)
-    dqn = dict(num_envs=8, hidden=(32, 32), learning_rate=3e-3, buffer_size=2_000,
-               batch_size=128, learning_starts=128, target_update_every=400,
-               epsilon_start=1.0, epsilon_end=0.3, epsilon_steps=500)
-    warm = bj.make_estimator("hpgd", learner="soft_dqn", critic_steps=50,
-                             learner_options=dict(dqn, num_updates=1_000), **DEFAULT)
-    state = _warm(simp, warm, _init(warm, simp), seed=7, num_steps=3)
-    estimator = bj.make_estimator("hpgd", learner="soft_dqn", critic_steps=5,
-                                  learner_options=dict(dqn, num_updates=10), **DEFAULT)
-    estimates = _estimates(simp, estimator, state, _keys(8, 100))
+    warm = bj.make_estimator("hpgd", learner=learner, critic_steps=50,
+                             learner_options=dict(options, num_updates=warm_updates), **DEFAULT)
+    state = _warm(simp, warm, _init(warm, simp), seed=seed, num_steps=warm_steps)
+    estimator = bj.make_estimator("hpgd", learner=learner, critic_steps=5,
+                                  learner_options=dict(options, num_updates=10), **DEFAULT)
+    estimates = _estimates(simp, estimator, state, _keys(seed + 1, 100))
     mean, se, rel, cos = _summary(estimates, exact)
-    print(f"soft_dqn follower: rel {rel:.3f} cos {cos:.4f}")
+    print(f"{learner} follower: rel {rel:.3f} cos {cos:.4f}")
     assert cos >= 0.9, (cos, rel, mean, exact)
 
 

@@ -43,6 +43,7 @@ run exactly its own estimate.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -431,23 +432,21 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
                       contexts=contexts, estimate_variance=estimate_variance,
                       score_terms=score_terms, follower_baseline=follower_baseline,
                       critic_lambda=critic_lambda)
-    sample_fns = []
 
+    @functools.cache
     def simulator_fns():
         """`(init, update)` of the model-free form, built on first use: it imports gymnax
         (through `bilevel_jax.sim`), which must not load before `jax.distributed`."""
-        if not sample_fns:
-            from bilevel_jax.estimators import sample_hpgd  # noqa: PLC0415
-            from bilevel_jax.learners import make_learner  # noqa: PLC0415
-            cfg = sample_hpgd.SampleConfig(**sample_cfg)
-            sample_hpgd.check_sample_options(cfg)
-            if baseline != "advantage":
-                raise InvalidArgumentError(
-                    "baseline: the model-free HPGD's sample forms use the leader's advantage "
-                    f"(centered under the policy), so only 'advantage' is valid, got {baseline!r}")
-            follower = make_learner(learner, **(learner_options or {}))
-            sample_fns.append(sample_hpgd.sample_hpgd(follower, cfg))
-        return sample_fns[0]
+        from bilevel_jax.estimators import sample_hpgd  # noqa: PLC0415
+        from bilevel_jax.learners import make_learner  # noqa: PLC0415
+        cfg = sample_hpgd.SampleConfig(**sample_cfg)
+        sample_hpgd.check_sample_options(cfg)
+        if baseline != "advantage":
+            raise InvalidArgumentError(
+                "baseline: the model-free HPGD's sample forms use the leader's advantage "
+                f"(centered under the policy), so only 'advantage' is valid, got {baseline!r}")
+        follower = make_learner(learner, **(learner_options or {}))
+        return sample_hpgd.sample_hpgd(follower, cfg)
 
     follower_oracle = make_oracle(oracle, oracle_sweeps=oracle_sweeps, oracle_envs=oracle_envs,
                                   oracle_steps=oracle_steps, learning_rate=learning_rate)

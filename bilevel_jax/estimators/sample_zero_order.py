@@ -36,13 +36,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from bilevel_jax.errors import InvalidArgumentError
 from bilevel_jax.learners.base import Learner, follow
 from bilevel_jax.problem import map_contexts
 from bilevel_jax.sim.rollout import discounted_returns, rollout
 
 Array = jax.Array
-SHIFTED = ("warm", "fresh")
 
 
 class SampleZeroOrderConfig(NamedTuple):
@@ -53,13 +51,7 @@ class SampleZeroOrderConfig(NamedTuple):
     decay: bool
     num_envs: int
     num_steps: int
-    shifted: str = "warm"
-
-
-def check_sample_options(cfg: SampleZeroOrderConfig) -> None:
-    """Raises `InvalidArgumentError` naming the first out-of-range simulator option."""
-    if cfg.shifted not in SHIFTED:
-        raise InvalidArgumentError(f"shifted: expected one of {SHIFTED}, got {cfg.shifted!r}")
+    shifted: str = "warm"      # "warm" or "fresh" (checked by `zero_order`)
 
 
 def episode_returns(problem, x, context, policy, key: Array, num_envs: int,
@@ -154,8 +146,7 @@ def sample_zero_order(learner: Learner, cfg: SampleZeroOrderConfig):
 
         if problem.contexts is None:
             k_ctx, k_est = jax.random.split(key_f)
-            context = (problem.context_sampler(k_ctx) if problem.context_sampler is not None
-                       else None)
+            _, context = problem.draw_context(k_ctx)
             cstate = jax.tree_util.tree_map(lambda leaf: leaf[0], state["learners"])
             base, diffs, new, infos = per_context(context, cstate, k_est)
             learners = jax.tree_util.tree_map(lambda leaf: leaf[None], new)

@@ -15,6 +15,7 @@ follower's sweeps stop at its own tolerance rather than at the slowest context's
 
 from __future__ import annotations
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -99,21 +100,18 @@ def zero_order(*, smoothing: float = 0.1, num_directions: int = 1, decay: bool =
     check_learner_option(learner, learner_options)
     if shifted not in ("warm", "fresh"):
         raise InvalidArgumentError(f"shifted: expected 'warm' or 'fresh', got {shifted!r}")
-    sample_fns = []
 
+    @functools.cache
     def simulator_fns():
         """`(init, update)` of the model-free form, built on first use: it imports gymnax
         (through `bilevel_jax.sim`), which must not load before `jax.distributed`."""
-        if not sample_fns:
-            from bilevel_jax.estimators import sample_zero_order  # noqa: PLC0415
-            from bilevel_jax.learners import make_learner  # noqa: PLC0415
-            cfg = sample_zero_order.SampleZeroOrderConfig(
-                smoothing=smoothing, num_directions=num_directions, decay=decay,
-                num_envs=num_envs, num_steps=num_steps, shifted=shifted)
-            sample_zero_order.check_sample_options(cfg)
-            follower = make_learner(learner, **(learner_options or {}))
-            sample_fns.append(sample_zero_order.sample_zero_order(follower, cfg))
-        return sample_fns[0]
+        from bilevel_jax.estimators import sample_zero_order  # noqa: PLC0415
+        from bilevel_jax.learners import make_learner  # noqa: PLC0415
+        cfg = sample_zero_order.SampleZeroOrderConfig(
+            smoothing=smoothing, num_directions=num_directions, decay=decay,
+            num_envs=num_envs, num_steps=num_steps, shifted=shifted)
+        follower = make_learner(learner, **(learner_options or {}))
+        return sample_zero_order.sample_zero_order(follower, cfg)
 
     def init(problem, x):
         if is_simulator(problem):
