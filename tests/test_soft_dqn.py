@@ -92,6 +92,44 @@ def test_sequential_and_batched_members_agree(random_problem):
                            np.asarray(jax.tree_util.tree_leaves(params[0])[0][1]))
 
 
+def test_cached_target_values_are_the_target_networks(random_problem):
+    """The buffer's cached `next_value` equals `lam logsumexp(Q_target(s') / lam)` of the current
+    target network on every stored transition, after copies (vmapped: a `shared_cond` branch),
+    and after the temperature changed between calls."""
+    _, problem, x0 = random_problem
+    learner = make_learner("soft_dqn", **{**SMALL, "hidden": (16,), "buffer_size": 256,
+                                          "batch_size": 32, "num_updates": 70,
+                                          "learning_starts": 16, "target_update_every": 96})
+    keys = jax.random.split(jax.random.key(5), 2)
+    contexts = jax.tree_util.tree_map(lambda a: a[:2], problem.contexts)
+    # one compiled update (the temperature is a leaf of the problem), called twice
+    update = jax.jit(jax.vmap(lambda p, s, k, c: learner.update(p, x0, c, s, k)[0],
+                              (None, 0, 0, 0)))
+    state0 = jax.jit(jax.vmap(lambda k, c: learner.init(problem, x0, c, k)))(keys, contexts)
+    init_params = state0.params
+
+    @jax.jit
+    @jax.vmap
+    def target_values(s):   # policy logits are Q / lam at the state's temperature
+        q = jax.vmap(lambda o: learner.policy(s.replace(params=s.target_params), o))(
+            s.buffer.experience["next_obs"][0])
+        return s.temperature * jax.nn.logsumexp(q, axis=-1)
+
+    state = update(problem, state0, keys, contexts)
+    filled = 256   # 70 env steps x 8 envs = 560 transitions: the buffer is full
+    np.testing.assert_allclose(state.buffer.experience["next_value"][:, 0, :filled, 0],
+                               target_values(state)[:, :filled], rtol=1e-5, atol=1e-6)
+    # the last copy was at transition 480, then 10 more updates; the first at 96
+    leaf = lambda tree: np.asarray(jax.tree_util.tree_leaves(tree)[0])
+    assert not np.allclose(leaf(state.target_params), leaf(init_params))
+    assert not np.allclose(leaf(state.target_params), leaf(state.params))
+    # a warm state continued at another temperature: its cache is redone at the new one
+    state2 = update(problem.replace(temperature=2 * TEMPERATURE), state, keys, contexts)
+    np.testing.assert_allclose(np.asarray(state2.temperature), 2 * TEMPERATURE)
+    np.testing.assert_allclose(state2.buffer.experience["next_value"][:, 0, :, 0],
+                               target_values(state2), rtol=1e-5, atol=1e-6)
+
+
 FOUR_ROOMS_KL_THRESHOLD = 0.1
 
 

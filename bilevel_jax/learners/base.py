@@ -126,3 +126,72 @@ def sequential_members(option: bool | None) -> bool:
     if option is None:
         return jax.default_backend() == "cpu"
     return option
+
+
+def shared_cond(pred, true_fn: Callable, false_fn: Callable, operand):
+    """`lax.cond(pred, true_fn, false_fn, operand)` that stays a branch under `vmap`.
+
+    `vmap` turns a `lax.cond` with a batched predicate into a `select`: both branches run for
+    every member. For a rare, costly branch that all members take at the same steps (a learner's
+    target refresh, the switch at `learning_starts`), this runs the true branch for the whole
+    batch only at the steps where some member takes it (`any(pred)`, a real branch), and selects
+    per member there; the results are those of `lax.cond` per member. Nested vmaps apply the
+    same rule level by level. The branches may close over traced values of any dtype (they are
+    hoisted into the operand: `jax.custom_batching.custom_vmap` refuses batched closures).
+    """
+    true_c, true_consts = _hoist(true_fn, operand)
+    false_c, false_consts = _hoist(false_fn, operand)
+    return _shared_cond(pred, true_c, false_c, (operand, true_consts, false_consts))
+
+
+def _hoist(fn: Callable, operand):
+    """`fn` as a function of `(operand, consts)` with every traced value it closes over in
+    `consts` (like `jax.closure_convert`, which hoists only the inexact ones)."""
+    from jax import extend
+
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(operand)
+    out_tree = jax.tree_util.tree_structure(out_shape)
+
+    def converted(op, consts):
+        out = extend.core.jaxpr_as_fun(extend.core.ClosedJaxpr(closed.jaxpr, consts))(
+            *jax.tree_util.tree_leaves(op))
+        return jax.tree_util.tree_unflatten(out_tree, out)
+
+    return converted, list(closed.consts)
+
+
+def _shared_cond(pred, true_c, false_c, packed):
+    def on_true(p):
+        return true_c(p[0], p[1])
+
+    def on_false(p):
+        return false_c(p[0], p[2])
+
+    @jax.custom_batching.custom_vmap
+    def branch(pred, packed):
+        return jax.lax.cond(pred, on_true, on_false, packed)
+
+    @branch.def_vmap
+    def rule(axis_size, in_batched, pred, packed):
+        pred_batched, packed_batched = in_batched
+        axes = jax.tree_util.tree_map(lambda b: 0 if b else None, packed_batched)
+        if not pred_batched:
+            out = jax.vmap(lambda p: jax.lax.cond(pred, on_true, on_false, p), (axes,),
+                           axis_size=axis_size)(packed)
+        else:
+            def all_members(args):
+                member_pred, p = args
+                taken = jax.vmap(on_true, (axes,), axis_size=axis_size)(p)
+                kept = jax.vmap(on_false, (axes,), axis_size=axis_size)(p)
+                return jax.tree_util.tree_map(
+                    lambda a, b: jnp.where(member_pred.reshape((-1,) + (1,) * (a.ndim - 1)), a, b),
+                    taken, kept)
+
+            def none_taken(args):
+                return jax.vmap(on_false, (axes,), axis_size=axis_size)(args[1])
+
+            out = _shared_cond(jnp.any(pred), lambda a, _: all_members(a),
+                               lambda a, _: none_taken(a), ((pred, packed), [], []))
+        return out, jax.tree_util.tree_map(lambda _: True, out)
+
+    return branch(pred, packed)

@@ -16,6 +16,15 @@ own), `gamma = problem.follower_discount(x, context)`, `lam = problem.temperatur
 cut (`Step.truncated`) bootstraps; only `Step.terminated` stops it. The target network is a
 hard copy of the online one every `target_update_every` transitions.
 
+**Cached targets.** The target network changes only at its copies, so its soft values
+`lam logsumexp(Q_target,d(s') / lam)` are stored with each transition (`next_value`, computed
+when it enters the buffer) and recomputed for the whole buffer at each copy (and when the
+temperature changed between calls), instead of a target forward pass on every sampled batch:
+the same targets, a quarter fewer FLOPs per update (at the defaults the refresh costs
+`buffer_size` forward rows per `target_update_every / num_envs` updates, 20 rows per update).
+The copy and the `learning_starts` switch are `learners.shared_cond` branches, so under `vmap`
+they stay branches (a plain `lax.cond` would become a select that refreshes every step).
+
 **Factorized (tuple) action spaces.** As in the reference, every head `d` gets its own soft
 target built from the *full* reward and its *own* next-state soft value, i.e. each head is
 learned as if it alone chose the action while the other heads act from their current policies.
@@ -28,7 +37,8 @@ Shapes (one seed): observations `[*obs_shape]` (flattened, cast to float32), `po
 obs)` returns logits `Q / lam`: `[n]` for `Discrete(n)`, a tuple `([n_1], ..., [n_D])` for a
 `Tuple` of `Discrete`; `value(state, obs)` a scalar (`lam logsumexp(Q / lam)`, summed over
 heads). The buffer stores `obs`, `next_obs` `[buffer_size, *obs_shape]`, `action` `[buffer_size]`
-or `[buffer_size, D]` int32, `reward`, `terminated` `[buffer_size]` float32.
+or `[buffer_size, D]` int32, `reward`, `terminated` `[buffer_size]` float32, `next_value`
+`[buffer_size, D]` float32.
 
 One `update` call runs `num_updates` env steps (and their gradient steps) in one `lax.scan`;
 all of it (networks, target, optimizer, buffer, running environments, step counter) lives in
@@ -48,7 +58,8 @@ from flax import struct
 from jax import lax
 
 from bilevel_jax.errors import InvalidArgumentError
-from bilevel_jax.learners.base import Learner, all_finite, check_options, register, sequential_members as _sequential
+from bilevel_jax.learners.base import (Learner, all_finite, check_options, register,
+                                       sequential_members as _sequential, shared_cond)
 from bilevel_jax.learners.networks import HeadsNet, soft_value
 from bilevel_jax.sim import spaces
 from bilevel_jax.sim.rollout import RolloutCarry, env_step, reset, step_rewards
@@ -106,8 +117,14 @@ def _micro_batches(batch_size: int) -> int:
     return max(m for m in range(1, 9) if batch_size % m == 0)
 
 
-def _gradient_step(hidden, optimizer, batch_size, state, params, target_params, opt_state,
-                   buffer_state, gamma, lam, key, sequential_members):
+def _head_values(hidden, heads, factorized, params, obs, lam) -> Array:
+    """Soft values `lam logsumexp(Q_d(s) / lam)` per head of a batch of observations: `[B, D]`."""
+    q = jax.vmap(lambda o: _q_values(hidden, heads, factorized, params, o))(obs)
+    return jnp.stack([lam * jax.nn.logsumexp(q_d / lam, axis=-1) for q_d in q], axis=-1)
+
+
+def _gradient_step(hidden, optimizer, batch_size, state, params, opt_state, buffer_state, gamma,
+                   key, sequential_members):
     """One Adam step on a uniformly sampled batch: `(params, opt_state, loss)`.
 
     `sequential_members`: under `vmap` (seeds, contexts, grid points), run the members' steps
@@ -120,29 +137,27 @@ def _gradient_step(hidden, optimizer, batch_size, state, params, target_params, 
     step = functools.partial(_adam_step, hidden, optimizer, state.heads, state.factorized)
     if sequential_members:
         step = jax.custom_batching.sequential_vmap(step)
-    return step(params, target_params, opt_state, batch, gamma, lam)
+    return step(params, opt_state, batch, gamma)
 
 
-def _adam_step(hidden, optimizer, heads, factorized, params, target_params, opt_state, batch,
-               gamma, lam):
+def _adam_step(hidden, optimizer, heads, factorized, params, opt_state, batch, gamma):
     batched_q = jax.vmap(lambda p, o: _q_values(hidden, heads, factorized, p, o), (None, 0))
 
     def loss_fn(params, batch):
         q = batched_q(params, batch["obs"])
-        q_next = batched_q(target_params, batch["next_obs"])
         actions = batch["action"].reshape(batch["action"].shape[0], -1)
         keep = gamma * (1.0 - batch["terminated"])
         total = 0.0
-        for d, (q_d, qn_d) in enumerate(zip(q, q_next)):
+        for d, q_d in enumerate(q):
             q_sa = jnp.take_along_axis(q_d, actions[:, d:d + 1], axis=-1)[:, 0]
-            y = batch["reward"] + keep * lam * jax.nn.logsumexp(qn_d / lam, axis=-1)
-            total = total + jnp.mean(jnp.square(q_sa - lax.stop_gradient(y)))
+            y = batch["reward"] + keep * batch["next_value"][:, d]
+            total = total + jnp.mean(jnp.square(q_sa - y))
         return total
 
     # The batch's mean loss as the mean over equal micro-batches of their mean losses: the
     # same gradient, but XLA's CPU dot for the weight gradients (a contraction over the batch
-    # axis) runs about 2x faster as a batched dot over micro-batches than as one long
-    # contraction (measured at 1,000 x 64 x 64; see benchmarks/followers.py).
+    # axis) runs faster as a batched dot over micro-batches than as one long contraction
+    # (measured at 1,000 x 64 x 64; see benchmarks/followers.py).
     micro = _micro_batches(batch["reward"].shape[0])
     split = jax.tree_util.tree_map(lambda a: a.reshape((micro, -1) + a.shape[1:]), batch)
     losses, grads = jax.vmap(jax.value_and_grad(loss_fn), (None, 0))(params, split)
@@ -151,27 +166,14 @@ def _adam_step(hidden, optimizer, heads, factorized, params, target_params, opt_
     return optax.apply_updates(params, updates), opt_state, loss
 
 
-def update_only(problem, x, context, state: "SoftDQNState", key, num_steps: int, *,
-                hidden=(64, 64), learning_rate: float = 5e-5, max_grad_norm: float = 1.0,
-                buffer_size: int = 10_000, batch_size: int = 1_000):
-    """`num_steps` gradient steps on the state's buffer, no interaction (for benchmarks).
+def _buffer_values(hidden, heads, factorized, target_params, buffer_state, lam) -> Array:
+    """The soft values of every stored next observation under `target_params`: `[1, N, D]`."""
+    next_obs = jax.tree_util.tree_map(lambda a: a[0], buffer_state.experience["next_obs"])
+    return _head_values(hidden, heads, factorized, target_params, next_obs, lam)[None]
 
-    The options must be those the state was built with. Returns `(params, losses [num_steps])`.
-    """
-    optimizer, buffer = _components(learning_rate, max_grad_norm, buffer_size, batch_size)
-    gamma = jnp.asarray(problem.follower_discount(x, context), jnp.float32)
-    lam = jnp.asarray(problem.temperature, jnp.float32)
 
-    def body(carry, k):
-        params, opt_state = carry
-        params, opt_state, loss = _gradient_step(
-            tuple(hidden), optimizer, batch_size, state, params, state.target_params, opt_state,
-            state.buffer, gamma, lam, k, _sequential(None))
-        return (params, opt_state), loss
-
-    (params, _), losses = lax.scan(body, (state.params, state.opt_state),
-                                   jax.random.split(key, num_steps))
-    return params, losses
+def _with_values(buffer_state, values):
+    return buffer_state.replace(experience={**buffer_state.experience, "next_value": values})
 
 
 def soft_dqn(*, num_envs: int = 10, hidden=(64, 64), learning_rate: float = 5e-5,
@@ -231,7 +233,8 @@ def soft_dqn(*, num_envs: int = 10, hidden=(64, 64), learning_rate: float = 5e-5
         params = network(heads, factorized).init(k_net, _store(obs0))
         action = jnp.zeros((len(heads),) if factorized else (), jnp.int32)
         item = {"obs": _store(obs0), "action": action, "reward": jnp.zeros((), jnp.float32),
-                "next_obs": _store(obs0), "terminated": jnp.zeros((), jnp.float32)}
+                "next_obs": _store(obs0), "terminated": jnp.zeros((), jnp.float32),
+                "next_value": jnp.zeros((len(heads),), jnp.float32)}
         return SoftDQNState(params=params, target_params=params, opt_state=optimizer.init(params),
                             buffer=buffer.init(item), carry=carry,
                             steps=jnp.zeros((), jnp.int32),
@@ -243,17 +246,32 @@ def soft_dqn(*, num_envs: int = 10, hidden=(64, 64), learning_rate: float = 5e-5
         x_const = lax.stop_gradient(x)
         gamma = jnp.asarray(lax.stop_gradient(problem.follower_discount(x, context)), jnp.float32)
         lam = jnp.asarray(lax.stop_gradient(problem.temperature), jnp.float32)
-        state = state.replace(temperature=lam)
 
         def learn(operand):
-            params, target_params, opt_state, buffer_state, k = operand
-            return _gradient_step(hidden, optimizer, batch_size, state, params, target_params,
-                                  opt_state, buffer_state, gamma, lam, k,
-                                  _sequential(sequential_members))
+            params, opt_state, buffer_state, k = operand
+            return _gradient_step(hidden, optimizer, batch_size, state, params, opt_state,
+                                  buffer_state, gamma, k, _sequential(sequential_members))
 
         def skip(operand):
-            params, _, opt_state, _, _ = operand
+            params, opt_state, _, _ = operand
             return params, opt_state, jnp.zeros((), jnp.float32)
+
+        def refresh(operand):   # the hard target copy: target := online, cached values redone
+            params, _, buffer_state = operand
+            return params, _buffer_values(hidden, state.heads, state.factorized, params,
+                                          buffer_state, lam)
+
+        def keep(operand):
+            _, target_params, buffer_state = operand
+            return target_params, buffer_state.experience["next_value"]
+
+        # Cached values computed at another temperature are redone with the current target.
+        values = shared_cond(
+            state.temperature != lam,
+            lambda b: _buffer_values(hidden, state.heads, state.factorized, state.target_params,
+                                     b, lam),
+            lambda b: b.experience["next_value"], state.buffer)
+        state = state.replace(temperature=lam, buffer=_with_values(state.buffer, values))
 
         def body(s: SoftDQNState, k):
             k_step, k_sample = jax.random.split(k)
@@ -267,19 +285,22 @@ def soft_dqn(*, num_envs: int = 10, hidden=(64, 64), learning_rate: float = 5e-5
 
             carry, step = env_step(k_step, problem, env_params, behaviour, s.carry)
             reward, _ = step_rewards(problem, x_const, context, step)
+            next_obs = _store(step.next_obs)
             items = {"obs": _store(step.obs), "action": step.action.astype(jnp.int32),
-                     "reward": reward.astype(jnp.float32), "next_obs": _store(step.next_obs),
-                     "terminated": step.terminated.astype(jnp.float32)}
+                     "reward": reward.astype(jnp.float32), "next_obs": next_obs,
+                     "terminated": step.terminated.astype(jnp.float32),
+                     "next_value": _head_values(hidden, s.heads, s.factorized, s.target_params,
+                                                next_obs, lam)}
             buffer_state = buffer.add(s.buffer, items)
             steps = s.steps + 1
             before, after = s.steps * num_envs, steps * num_envs
             learning = after >= learning_starts
-            params, opt_state, loss = lax.cond(
-                learning, learn, skip,
-                (s.params, s.target_params, s.opt_state, buffer_state, k_sample))
+            params, opt_state, loss = shared_cond(
+                learning, learn, skip, (s.params, s.opt_state, buffer_state, k_sample))
             copy = learning & (after // target_update_every > before // target_update_every)
-            target = jax.tree_util.tree_map(lambda o, t: jnp.where(copy, o, t),
-                                            params, s.target_params)
+            target, values = shared_cond(copy, refresh, keep,
+                                         (params, s.target_params, buffer_state))
+            buffer_state = _with_values(buffer_state, values)
             s = s.replace(params=params, target_params=target, opt_state=opt_state,
                           buffer=buffer_state, carry=carry, steps=steps)
             return s, (loss, learning, epsilon, reward.astype(jnp.float32))
