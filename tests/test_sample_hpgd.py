@@ -201,6 +201,8 @@ def test_simulator_options_are_checked():
         bj.hypergradient(simp, x, "hpgd", learner="soft_vi_tabular", baseline="none")
     with pytest.raises(bj.InvalidArgumentError, match="critic_hidden"):
         bj.make_estimator("hpgd", critic_hidden=()).init(simp, x)
+    with pytest.raises(bj.InvalidArgumentError, match="unbiased_form"):
+        bj.make_estimator("hpgd", unbiased=True, unbiased_form="critic").init(simp, x)
 
 
 # --- Tuple (factorized) action spaces --------------------------------------------------------

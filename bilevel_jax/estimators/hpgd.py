@@ -25,10 +25,17 @@ Two variants:
   which is `num_envs` times too large a gradient when no episode ends in the window.) Biased:
   returns are cut at the window's end and the averages are shared between the two factors of
   the product. `benchmarks/estimators.py` measures the bias.
-* `unbiased=True`: `(s, a)` drawn from the leader's discounted visitation with a geometric
-  horizon, then independent rollouts from `(s, a)` for `Qbar`, from `(s, a)` and `(s, a')`,
-  `a' ~ pi`, for `dQ(s, a) - dQ(s, a')`, and (with the advantage baseline) from `(s, a'')` for
-  `Vbar`. Unbiased up to the horizon cut `gamma^horizon` (default: below 1e-6).
+* `unbiased=True`, `unbiased_form="critic"` (the default, `_critic_cotangents`): every step of
+  `num_envs` episodes, weighted by `gammabar^t / num_envs`, with the leader's advantage from a
+  leave-one-environment-out first-visit critic (unbiased and independent of the episode it
+  multiplies) and the follower's vector return along the same episode; a branch correction
+  only where the critic has no data. See `hpgd` for the formula and why it is unbiased.
+* `unbiased=True`, `unbiased_form="plain"`: `(s, a)` drawn from the leader's discounted
+  visitation with a geometric horizon, then independent rollouts from `(s, a)` for `Qbar`,
+  from `(s, a)` and `(s, a')`, `a' ~ pi`, for `dQ(s, a) - dQ(s, a')`, and (with the advantage
+  baseline) from `(s, a'')` for `Vbar`. Unbiased up to the horizon cut `gamma^horizon`
+  (default: below 1e-6); about 5 orders of magnitude more variance than the critic form at
+  equal transitions.
 
 When `P` or `mu` depend on `x`, score terms are added: `gamma d_x log P(s'|s, a) V*(s')` in the
 follower's vector return, `gammabar d_x log P(s'|s, a) Gbar(s')` and `d_x log mu(s_0) Gbar_0` in
@@ -64,6 +71,7 @@ from bilevel_jax.problem import map_contexts
 from bilevel_jax.estimators.oracles import dynamic_sweeps, make_oracle
 
 BASELINES = ("advantage", "none")
+UNBIASED_FORMS = ("critic", "plain")
 
 
 def _scatter(shape, index, weights):
@@ -344,6 +352,163 @@ def _unbiased_cotangents(ctx: _Context, key, num_envs, horizon, baseline):
         s_i, a_i, traj_b.next_states[0], leader_score, start_w, traj_a.states[0], scale)
 
 
+def _truncated_geometric(key, shape, discount, length, dtype):
+    """Draws `t in [0, length)` with `P(t) ~ discount^t` (`length >= 1`, broadcast to `shape`),
+    and the normalizer `Z = sum_{t < length} discount^t`: a step of an episode seen for
+    `length` steps, drawn from its discounted visitation."""
+    length = jnp.asarray(length, dtype)
+    mass = 1.0 - discount ** length
+    u = jax.random.uniform(key, shape, dtype)
+    t = jnp.floor(jnp.log1p(-u * mass) / jnp.log(discount))
+    t = jnp.clip(t, 0, length - 1).astype(jnp.int32)
+    return t, mass / (1.0 - discount)
+
+
+def _roulette_lengths(key, shape, discount, horizon):
+    """Branch lengths `K >= 1` with `P(K > k) = discount^k` (capped at `horizon`)."""
+    u = jax.random.uniform(key, shape, minval=jnp.finfo(jnp.float32).tiny)
+    return jnp.minimum(1 + jnp.floor(jnp.log(u) / jnp.log(discount)), horizon).astype(jnp.int32)
+
+
+def _doubly_robust_sum(delta, alive, lengths):
+    """`sum_{k < K} delta_k` over a branch's steps `[H, B]` while `alive` (its first episode):
+    the Russian-roulette estimate of `sum_k gammabar^k delta_k` with continuation probability
+    `gammabar` (so every kept step weighs 1)."""
+    k = jnp.arange(delta.shape[0])[:, None]
+    used = alive * (k < lengths[None, :]).astype(delta.dtype)
+    return jnp.sum(used * delta, axis=0), jnp.sum(used, axis=0)
+
+
+def _critic_cotangents(ctx: _Context, key, num_envs, horizon, samples_per_trajectory,
+                       groups=True):
+    """Per-environment cotangent tables of the critic-corrected unbiased form, and the
+    transitions it reads (see `hpgd`, `unbiased_form="critic"`)."""
+    S, A = ctx.shape
+    dtype = ctx.rbar.dtype
+    n, m, h = num_envs, samples_per_trajectory, horizon
+    gbar = jnp.asarray(ctx.gamma_bar, dtype)
+    gamma = jnp.asarray(ctx.gamma, dtype)
+    k_main, k_tau, k_alt, k_branch, k_len = jax.random.split(key, 5)
+
+    # Main batch: the first episode of each of n environments (seen for up to h steps).
+    traj = sample_trajectories(k_main, ctx.mdp, ctx.policy, num_envs=n, num_steps=h)
+    first = _first_episode(traj).astype(dtype)                              # [H, N]
+    s, a, sn = traj.states, traj.actions, traj.next_states
+    done = traj.dones.astype(dtype)
+    w = first * (gbar ** jnp.arange(h, dtype=dtype))[:, None] / n          # visitation weights
+    rbar_t = ctx.rbar[s, a]
+    g_bar = _leader_returns(rbar_t * first, done, gbar)                     # Gbar_t, [H, N]
+
+    # The leader's critic, per environment i: the mean over the *other* environments of the
+    # return Gbar from their first visit of (s, a) (at t < h / 2, so the window cuts it by at
+    # most gammabar^(h / 2)). The environments visiting (s, a) are decided before their first
+    # visit, so it is an unbiased estimate of Qbar(s, a), independent of environment i.
+    SA = S * A
+    sa = s * A + a
+    env = jnp.broadcast_to(jnp.arange(n)[None, :], (h, n))
+    times = jnp.broadcast_to(jnp.arange(h)[:, None], (h, n))
+    eligible = (first > 0) & (times < max(1, h // 2))
+    first_time = jax.ops.segment_min(jnp.where(eligible, times, h).reshape(-1),
+                                     (env * SA + sa).reshape(-1), num_segments=n * SA)
+    first_visit = (eligible & (times == first_time.reshape(n, SA)[env, sa])).astype(dtype)
+    v_i = _scatter((n, SA), (env, sa), first_visit)                        # [N, SA] 0 / 1
+    g_i = _scatter((n, SA), (env, sa), first_visit * g_bar)
+    others = v_i.sum(0)[None, :] - v_i
+    covered = (others > 0).reshape(n, S, A)
+    q_others = ((g_i.sum(0)[None, :] - g_i) / jnp.maximum(others, 1.0)).reshape(n, S, A)
+    # Pooled per-(s, a) means (every visit of every environment): the fallback where no other
+    # environment saw (s, a), and the critic of the branches' doubly robust sums.
+    n_sa = _scatter((S, A), (s, a), first)
+    q_sum = _scatter((S, A), (s, a), first * g_bar)
+    state_mean = q_sum.sum(-1) / jnp.maximum(n_sa.sum(-1), 1.0)
+    q_pool = jnp.where(n_sa > 0, q_sum / jnp.maximum(n_sa, 1.0), state_mean[:, None])
+    v_pool = jnp.sum(ctx.policy * q_pool, -1)
+    q_hat = jnp.where(covered, q_others, q_pool[None])                       # [N, S, A]
+    adv_hat = q_hat - jnp.sum(ctx.policy[None] * q_hat, -1, keepdims=True)
+    coeff = w * adv_hat[env, s, a]                                          # Term 1
+
+    # Correction where no other environment saw (s, a) (the fallback is not unbiased there):
+    # m steps per environment drawn from its first episode's visitation; from each, leader
+    # branches from (s, a) and (s, a'), a' ~ pi, with common random numbers, doubly robust
+    # (TD errors of the pooled critic) with Russian-roulette lengths, each kept only for an
+    # uncovered action (both are zero, and no branch is needed, almost always).
+    lengths = first.sum(0)                                                   # [N] >= 1
+    tau, z = _truncated_geometric(k_tau, (m, n), gbar, lengths[None, :], dtype)
+    cols = jnp.broadcast_to(jnp.arange(n)[None, :], (m, n))
+    s_j, a_j = s[tau, cols].reshape(-1), a[tau, cols].reshape(-1)          # [B = M N]
+    env_j = cols.reshape(-1)
+    a_alt = jax.random.categorical(k_alt, jnp.log(ctx.policy[s_j]), axis=-1)
+    stop = _roulette_lengths(k_len, s_j.shape, gbar, h)
+
+    def branch(start_actions):
+        bt = sample_trajectories(k_branch, ctx.mdp, ctx.policy, num_envs=s_j.shape[0],
+                                 num_steps=h, start_states=s_j, start_actions=start_actions)
+        alive = _first_episode(bt).astype(dtype)
+        delta = (ctx.rbar[bt.states, bt.actions]
+                 + gbar * ctx.keep[bt.states] * v_pool[bt.next_states]
+                 - q_pool[bt.states, bt.actions])
+        need = (~covered[env_j, s_j, start_actions]).astype(dtype)
+        total, used = _doubly_robust_sum(delta, alive, stop)
+        return need * total, need * used
+
+    e_a, used_a = branch(a_j)
+    e_alt, used_alt = branch(a_alt)
+    u = jnp.broadcast_to(z / (n * m), (m, n)).reshape(-1)
+    coeff = coeff.at[tau.reshape(-1), env_j].add(u * (e_a - e_alt))
+    coeff = coeff / ctx.lam
+
+    # Follower baseline: leave-one-environment-out means of D over the visits of each state
+    # (independent of the environment whose steps it multiplies).
+    n_is = _scatter((n, S), (env, s), first)
+    c_is = _scatter((n, S), (env, s), coeff * first)
+    others = n_is.sum(0)[None, :] - n_is
+    ratio = jnp.where(others > 0, c_is / jnp.maximum(others, 1.0), 0.0)
+    beta = -first * (ratio.sum(0)[s] - ratio[env, s])
+    carry = jnp.concatenate([jnp.zeros_like(done[:1]), 1.0 - done[:-1]], axis=0)
+    alpha = _linear_recurrence(gamma * carry, coeff + beta)                 # D_t's cotangent
+
+
+    # Per-group tables (G groups of environments; they sum to the estimate) for the variance
+    # estimate. Each environment's steps go to its group, and so does its influence as a
+    # critic (its first-visit returns, centered, through the other environments' D): the
+    # environments' terms are not independent, their linearization is.
+    num_groups = min(n, 16) if groups else 1
+    group = jnp.broadcast_to((jnp.arange(n) % num_groups)[None, :], (h, n))
+    denom = v_i.sum(0)
+    q_first = g_i.sum(0) / jnp.maximum(denom, 1.0)
+    kappa = _scatter((num_groups, SA), (jnp.arange(n) % num_groups,),
+                     v_i * (g_i - v_i * q_first) / jnp.maximum(denom, 1.0)).reshape(
+                         num_groups, S, A)
+    if num_groups > 1:
+        # The baseline term -c_i b_i goes to environment i's group (its cotangent is on the
+        # other environments' steps), and the critic's influence to the critic's group.
+        centered = kappa - jnp.sum(ctx.policy[None] * kappa, -1, keepdims=True)
+        ratio_g = _scatter((num_groups, S), (jnp.arange(n) % num_groups,), ratio)
+        own = (group[None] == jnp.arange(num_groups)[:, None, None])
+        beta_g = -first[None] * (ratio_g[:, s] - own * ratio[env, s][None])
+        zeta = w[None] * centered[:, s, a] / ctx.lam + beta_g                # [G, H, N]
+        influence = jax.vmap(lambda c: _linear_recurrence(gamma * carry, c))(zeta)
+        alpha_own = _linear_recurrence(gamma * carry, coeff)
+    else:
+        influence = jnp.zeros((1, h, n), dtype)
+        alpha_own = alpha
+    flat = lambda v: v.reshape(-1)                                           # noqa: E731
+
+    def group_tables(g, infl):
+        mine = (group == g).astype(dtype)
+        rew = alpha_own * mine + infl
+        trans = (ctx.keep[s] * (alpha_own * gamma * ctx.v_star[sn] + w * (g_bar - rbar_t)) * mine
+                 + ctx.keep[s] * infl * gamma * ctx.v_star[sn])
+        return {"rewards": _scatter((S, A), (flat(s), flat(a)), flat(rew)),
+                "leader_reward": _scatter((S, A), (flat(s), flat(a)), flat(w * mine)),
+                "transitions": ctx.transition_cot(flat(s), flat(a), flat(sn), flat(trans)),
+                "initial": ctx.initial_cot(s[0], g_bar[0] * mine[0] / n)}
+
+    tables = jax.vmap(group_tables)(jnp.arange(num_groups), influence)
+    samples = jnp.sum(first) + jnp.sum(used_a) + jnp.sum(used_alt)
+    return tables, samples.astype(jnp.int32)
+
+
 def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | None = None,
          oracle: str = "exact", oracle_sweeps: int = 10, oracle_envs: int = 16,
          oracle_steps: int = 200, learning_rate: float = 0.5, max_level: int = 6,
@@ -353,7 +518,7 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
          samples_per_trajectory: int = 4, critic_hidden=(64, 64),
          critic_learning_rate: float = 3e-3, critic_steps: int = 50,
          critic_lambda: float = 0.8, follower_baseline: bool = True,
-         score_terms: bool | None = None) -> Estimator:
+         score_terms: bool | None = None, unbiased_form: str | None = None) -> Estimator:
     """The HPGD estimator, on a tabular `BilevelProblem` or a `bj.SimulatorProblem`.
 
     On a simulator problem the model-free form of `bilevel_jax.estimators.sample_hpgd` runs
@@ -393,6 +558,9 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
         large `x`, at a higher variance and the window's cut of `D_t` left uncorrected).
       score_terms (simulator): add the `d_x log p_x` terms (None: when the problem has
         `transition_log_prob`).
+      unbiased_form (`unbiased=True`): `"critic"` (tabular default; see below) or `"plain"`
+        (one geometric `(s, a)` per environment and independent rollouts; the simulator's
+        default and only form: its branching form with common random numbers).
 
     Normalization of the paper variant (`unbiased=False`): the mean over episodes of
     `sum_tau gammabar^tau h(s_tau, a_tau)` is taken time by time, each `tau` over the `n_tau`
@@ -409,6 +577,40 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
     `d_x P` score term continues with `gammabar Vbar_hat(s')`; the episode's remaining rewards
     are not counted (the time limit defines the episodes).
 
+    The critic form of the unbiased variant (`unbiased=True`, tabular): `num_envs` episodes
+    (the first of each environment, seen for up to `horizon` steps), step weights
+    `w_t = gammabar^t / num_envs`, and
+
+        g = sum_t w_t [ d_x rbar_t + gammabar psi_t Gbar_{t+1} ] + d_x log mu(s_0) Gbar_0 / N
+            + (1/lam) sum_t c_t (D_t - b_i(s_t)),
+        c_t = w_t Ahat_{-i}(s_t, a_t) + (sampled correction, below)
+
+    with `Gbar_t`, `D_t` the leader's return and the follower's vector return (score part
+    `gamma psi V*` included) from step `t` of the episode, `psi_t = d_x log P(s_{t+1}|s_t, a_t)`,
+    `i` the step's environment. `Ahat_{-i} = Qhat_{-i} - pi . Qhat_{-i}` is the leader's
+    critic *without environment i*: the mean of the returns from the other environments'
+    first visits of `(s, a)` (at `t < horizon / 2`). Which environments visit `(s, a)` is
+    decided before their first visit, so `Qhat_{-i}(s, a)` is an unbiased estimate of
+    `Qbar(s, a)`, independent of environment i, and `E[Ahat_{-i}(s_t, a_t) D_t] =
+    E[Abar dQ*(s_t, a_t)]` (`E[D_t | s_t, a_t] = dQ*`): unbiased, with every step of every
+    episode used (the per-(s, a) pooling of the paper variant, without its bias). The
+    follower baseline `b_i(s)`, the mean of `D` over the other environments' visits of `s`,
+    changes only the variance (`sum_a pi Ahat = 0`). Where no other environment saw `(s, a)`,
+    the critic falls back to the pooled mean, and the difference is corrected: per environment
+    `samples_per_trajectory` steps `t_j` drawn from `gammabar^t` on its episode, `a' ~ pi`, and
+    leader branches from `(s, a)` and `(s, a')` (common random numbers) give doubly robust
+    estimates of `Qbar - Qhat` (`sum_{k < K} rbar_k + gammabar Vhat(s_{k+1}) - Qhat(s_k, a_k)`,
+    Russian-roulette length `P(K > k) = gammabar^k`), each counted only for an action no other
+    environment saw; `c_{t_j}` gains `Z / (N M)` times their difference (`Z` the episode's
+    normalizer). Unbiased up to the cuts `gammabar^(horizon / 2)` (critic) and
+    `max(gamma, gammabar)^horizon` (returns); time limits are not applied. `info["samples"]`
+    counts the transitions the estimate reads (the episodes' steps, the branch steps before
+    their stop where a branch is needed); the vectorized rollout simulates `num_envs x horizon`
+    steps (and `2 x num_envs x samples_per_trajectory x horizon` for the branches). The
+    variance estimate sums over 16 groups of environments, each with its environments' steps
+    and its influence as a critic and through the baselines (the environments' terms are not
+    independent; their linearization is).
+
     The estimate is not differentiable (the paper variant is a `custom_vmap` function, so that
     a `vmap` over runs rolls all runs out as one batch, see `_paper_estimate`).
     """
@@ -416,6 +618,9 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
         raise InvalidArgumentError(f"baseline: expected one of {BASELINES}, got {baseline!r}")
     if contexts not in ("sample", "all"):
         raise InvalidArgumentError(f"contexts: expected 'sample' or 'all', got {contexts!r}")
+    if unbiased_form is not None and unbiased_form not in UNBIASED_FORMS:
+        raise InvalidArgumentError(
+            f"unbiased_form: expected None or one of {UNBIASED_FORMS}, got {unbiased_form!r}")
     check_positive_ints(allow_none=("max_episode_steps", "horizon"), num_envs=num_envs,
                         num_steps=num_steps, max_level=max_level, oracle_sweeps=oracle_sweeps,
                         oracle_envs=oracle_envs, oracle_steps=oracle_steps,
@@ -431,7 +636,8 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
                       critic_learning_rate=critic_learning_rate, critic_steps=critic_steps,
                       contexts=contexts, estimate_variance=estimate_variance,
                       score_terms=score_terms, follower_baseline=follower_baseline,
-                      critic_lambda=critic_lambda)
+                      critic_lambda=critic_lambda,
+                      unbiased_form=unbiased_form or "plain")
 
     @functools.cache
     def simulator_fns():
@@ -470,13 +676,24 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
                     "explicitly")
             rollout_horizon = max(1, math.ceil(math.log(1e-6) / math.log(float(gamma_bar))))
 
+        critic_form = unbiased and unbiased_form in (None, "critic")
+        rollouts = (5 if baseline == "advantage" else 4) * rollout_horizon if unbiased else num_steps
+        static_samples = num_envs * rollouts
+
         def cotangents(mdp, q, rbar, k):
+            """`(tables, transitions read)` of one context's estimate."""
+            if critic_form:
+                return _critic_cotangents(_Context(mdp, q, rbar, lam, gamma_bar), k, num_envs,
+                                          rollout_horizon, samples_per_trajectory,
+                                          groups=estimate_variance)
             if unbiased:
-                return _unbiased_cotangents(_Context(mdp, q, rbar, lam, gamma_bar), k, num_envs,
-                                            rollout_horizon, baseline)
-            return _paper_estimate(k, mdp, q, rbar, lam, gamma_bar, num_envs=num_envs,
-                                   num_steps=num_steps, max_episode_steps=max_episode_steps,
-                                   baseline=baseline, per_env=estimate_variance)
+                tables = _unbiased_cotangents(_Context(mdp, q, rbar, lam, gamma_bar), k,
+                                              num_envs, rollout_horizon, baseline)
+            else:
+                tables = _paper_estimate(k, mdp, q, rbar, lam, gamma_bar, num_envs=num_envs,
+                                         num_steps=num_steps, max_episode_steps=max_episode_steps,
+                                         baseline=baseline, per_env=estimate_variance)
+            return tables, jnp.asarray(static_samples, jnp.int32)
 
         def per_context(context, q_prev, k):
             k_oracle, k_roll, k_level = jax.random.split(k, 3)
@@ -491,15 +708,16 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
                 q_base = dynamic_sweeps(mdp, lam, q_prev, 1)
                 q_lo = dynamic_sweeps(mdp, lam, q_prev, 2 ** (level - 1))
                 q_hi = dynamic_sweeps(mdp, lam, q_lo, 2 ** (level - 1))
-                cots = jax.tree_util.tree_map(
-                    lambda b, lo, hi: b + (hi - lo) / p_level,
+                (c_b, n_b), (c_lo, n_lo), (c_hi, n_hi) = (
                     cotangents(mdp, q_base, rbar, k_roll), cotangents(mdp, q_lo, rbar, k_roll),
                     cotangents(mdp, q_hi, rbar, k_roll))
-                q, sweeps, oracle_samples = q_hi, 2 ** level, 0
+                cots = jax.tree_util.tree_map(lambda b, lo, hi: b + (hi - lo) / p_level,
+                                              c_b, c_lo, c_hi)
+                q, sweeps, oracle_samples = q_hi, 2 ** level, n_b + n_lo + n_hi
             else:
                 q, oinfo = follower_oracle.solve(mdp, lam, q_prev, k_oracle)
-                cots = cotangents(mdp, q, rbar, k_roll)
-                sweeps, oracle_samples = oinfo["sweeps"], oinfo["samples"]
+                cots, read = cotangents(mdp, q, rbar, k_roll)
+                sweeps, oracle_samples = oinfo["sweeps"], oinfo["samples"] + read
 
             def vjp(c):
                 return model.model_vjp(follower_flat, leader_flat, x_flat, context,
@@ -509,22 +727,20 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
             if estimate_variance:
                 per_env = jax.vmap(vjp)(cots)
                 grad = per_env.sum(0)
-                variance = num_envs * jnp.var(per_env, axis=0, ddof=1)
+                variance = per_env.shape[0] * jnp.var(per_env, axis=0, ddof=1)
             else:
                 grad = vjp(jax.tree_util.tree_map(lambda c: c.sum(0), cots))
                 variance = jnp.full_like(grad, jnp.nan)
             residual = jnp.max(jnp.abs(soft_bellman_operator(q, mdp, lam) - q))
             return grad, variance, jax.lax.stop_gradient(q), residual, sweeps, oracle_samples
 
-        rollouts = (5 if baseline == "advantage" else 4) * rollout_horizon if unbiased else num_steps
-        per_estimate = num_envs * rollouts * (3 if oracle == "multilevel" else 1)
         if contexts == "sample" or problem.contexts is None:
             k_ctx, k_est = jax.random.split(key)
             index, context = problem.draw_context(k_ctx)
             grad, variance, q, residual, sweeps, oracle_samples = per_context(
                 context, state["q"][index], k_est)
             new_q = state["q"].at[index].set(q)
-            samples = per_estimate + oracle_samples
+            samples = oracle_samples
         else:
             keys = jax.random.split(key, problem.num_contexts)
             grads, variances, new_q, residuals, sweeps, oracle_samples = map_contexts(
@@ -532,7 +748,7 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
             probs = problem.probs().astype(grads.dtype)
             grad, variance = probs @ grads, (probs ** 2) @ variances
             residual, sweeps = jnp.max(residuals), jnp.sum(sweeps)
-            samples = problem.num_contexts * per_estimate + jnp.sum(oracle_samples)
+            samples = jnp.sum(oracle_samples)
         info = {"samples": jnp.asarray(samples), "follower_residual": residual,
                 "sweeps": jnp.asarray(sweeps), "variance": unravel(variance)}
         return unravel(grad), {"q": new_q}, info

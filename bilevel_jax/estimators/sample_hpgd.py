@@ -101,6 +101,7 @@ class SampleConfig(NamedTuple):
     score_terms: bool | None
     follower_baseline: bool = True
     critic_lambda: float = 0.8
+    unbiased_form: str = "plain"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -580,6 +581,10 @@ def check_sample_options(cfg: SampleConfig) -> None:
     if not (isinstance(cfg.critic_lambda, (int, float)) and 0 < cfg.critic_lambda <= 1):
         raise InvalidArgumentError(
             f"critic_lambda: expected a number in (0, 1], got {cfg.critic_lambda!r}")
+    if cfg.unbiased_form != "plain":
+        raise InvalidArgumentError(
+            "unbiased_form: the simulator's unbiased HPGD has only the 'plain' branching form "
+            f"(the critic form needs a tabular leave-one-out critic), got {cfg.unbiased_form!r}")
     if cfg.score_terms not in (None, True, False):
         raise InvalidArgumentError(
             f"score_terms: expected None, True or False, got {cfg.score_terms!r}")
