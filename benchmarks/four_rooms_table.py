@@ -294,7 +294,7 @@ def final_x(directory: str, point: int, seed_index: int = 0) -> np.ndarray:
             row = group.runs.index((point, seed))
             leaves = checkpoint["groups"][group.index]["state"]
             # The state is a dict; its leaves are in sorted key order and "x" is the last
-            # [runs, 105] leaf (ascent: estimator, key, objective_q, opt, step, x; pbrl: x, y).
+            # [runs, 105] leaf (ascent: estimator, key, [objective_q,] opt, step, x; pbrl: x, y).
             candidates = [leaf for leaf in leaves
                           if leaf.ndim == 2 and leaf.shape == (len(group.runs), 105)]
             return np.asarray(candidates[-1][row], np.float64)
@@ -319,11 +319,14 @@ def plot_curves(path, panels, curves_by_method, methods):
                 if entry is None:
                     continue
                 data, cell = entry
-                mean = np.nanmean(data, axis=0)
+                # Untracked iterations (a track_every schedule) are NaN in every seed: drawn
+                # through, the curve joins the tracked points.
                 n = np.sum(np.isfinite(data), axis=0)
+                t = np.nonzero(n > 0)[0]
+                data, n = data[:, t], n[t]
+                mean = np.nanmean(data, axis=0)
                 se = (np.nanstd(data, axis=0, ddof=1) / np.sqrt(n)) if data.shape[0] > 1 \
                     else np.zeros_like(mean)
-                t = np.arange(mean.size)
                 label = f"{NAMES[method]} (lr {cell['learning_rate']:g}" + (
                     f", c {cell['smoothing']:g}" if "smoothing" in cell else "") + ")"
                 ax.plot(t, mean, color=colors[method], label=label, lw=1.3)

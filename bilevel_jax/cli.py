@@ -22,7 +22,9 @@ import threading
 
 ALGORITHM_DOCS = {
     "ascent": "hypergradient ascent: the estimator's grad F(x) fed to the optax optimizer",
-    "pbrl": "penalty method: joint descent on (x, follower logits y) of -f + rho * penalty",
+    "pbrl": "penalty method: joint descent on (x, follower logits y) of -f + rho * penalty "
+            "(on a simulator problem: policy networks y, a best-response learner, sampled "
+            "gradients; value penalty)",
 }
 
 
@@ -232,7 +234,10 @@ def command_list(args) -> int:
         print(f"  {name:<12}" + block(_fields_text(estimator_fields(name)), 14).lstrip())
     print("\nAlgorithms (algorithm.name):")
     for name, doc in ALGORITHM_DOCS.items():
-        print(f"  {name:<12}{doc}")
+        print(f"  {name:<12}" + block(doc, 14).lstrip())
+    from bilevel_jax.runner.config import ALGORITHM_FIELDS
+    print("  options (algorithm.<key>):")
+    print(block(_fields_text(ALGORITHM_FIELDS), 14))
     configs = shipped_configs()
     print("\nShipped configs (bilevel-jax run PATH):")
     for path in configs:

@@ -18,6 +18,7 @@ from bilevel_jax.runner import config as cfg
 from bilevel_jax.runner.config import ConfigError, apply_overrides, load_config, resolve_config
 from bilevel_jax.runner.results import summarize
 from bilevel_jax.runner.run import make_groups, make_optimizer
+from bilevel_jax.runner.problems import problem_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,9 +92,7 @@ REFUSALS = [
     ({"problem": {"temperature": 0}}, "problem.temperature: expected a number > 0, got 0"),
     ({"problem": {"num_states": 1}}, "problem.num_states: expected an int >= 2, got 1"),
     ({"problem": {"name": "grid"}},
-     "problem.name: expected one of ['four_rooms', 'incentive_design', 'random', 'rlhf', "
-     "'simulator_four_rooms', 'simulator_random', 'simulator_stackelberg', 'stackelberg'], "
-     "got 'grid'"),
+     f"problem.name: expected one of {sorted(problem_names())}, got 'grid'"),
     ({"optimizer": {"name": "adamw"}}, "optimizer.name: expected one of ['sgd', 'adam'], got 'adamw'"),
     ({"estimator": {"name": "magic"}}, "estimator.name: expected one of"),
     ({"estimator": {"hpgd": {"num_envs": 0}}}, "estimator.hpgd.num_envs: expected an int >= 1, got 0"),

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import optax
 from absl.testing import parameterized
 from gymnax.environments import environment, spaces as gym_spaces
 
@@ -319,3 +320,28 @@ def test_soft_q_tabular_vmaps_over_seeds_and_refuses_bad_options():
     bad = simp.replace(follower_reward=lambda x, c, s: jnp.nan * s.reward)
     info = jax.jit(lambda k: learner.update(bad, x, context, learner.init(bad, x, context, k), k)[1])(keys[0])
     assert not bool(info["finite"])
+
+
+def test_reference_model_reports_the_exact_objective():
+    """`as_simulator` keeps its source as `reference`: ascent with `track_objective` reports the
+    tabular `F(x)` of each iterate (solved on the reference at the simulator's temperature, also
+    after a replace), model-free PBRL too; a reference that is not tabular is refused."""
+    problem, x0 = random_bilevel_problem(1, num_states=4, num_actions=3, dim_x=2,
+                                         num_contexts=1, temperature=0.4)
+    simp = sim.as_simulator(problem)
+    assert simp.reference is problem
+    hotter = simp.replace(temperature=0.8)
+    np.testing.assert_allclose(float(sim.reference_model(hotter).temperature), 0.8)
+    options = dict(learner="soft_vi_tabular", num_envs=4, num_steps=20, critic_hidden=(8,),
+                   critic_steps=2, estimate_variance=False)
+    result = bj.train(hotter, "hpgd", optax.sgd(0.1), 3, jax.random.key(0), x0=x0, chunk_size=3,
+                      **options)
+    exact_f = float(bj.leader_objective(problem.replace(temperature=0.8), x0))
+    np.testing.assert_allclose(float(result.metrics["objective"][0]), exact_f, rtol=1e-5)
+    assert np.all(np.isfinite(np.asarray(result.metrics["objective"])))
+    pbrl = bj.pbrl(optax.sgd(0.05), learner="soft_vi_tabular", num_envs=4, num_steps=20,
+                   policy_hidden=(), baseline_hidden=(8,), baseline_steps=2)
+    result = bj.train(hotter, pbrl, None, 2, jax.random.key(0), x0=x0, chunk_size=2)
+    np.testing.assert_allclose(float(result.metrics["objective"][0]), exact_f, rtol=1e-5)
+    with pytest.raises(bj.sim.InvalidSimulatorError, match="reference"):
+        sim.check_simulator(simp.replace(reference="not a problem"))

@@ -67,7 +67,8 @@ def test_yaml_estimator_options_reach_the_estimator():
 @pytest.mark.parametrize("overrides, message", [
     (["estimator.name=exact"], "estimator.name: problem 'simulator_random' is a simulator"),
     (["algorithm.track_objective=true"], "algorithm.track_objective: "),
-    (["algorithm.name=pbrl"], "algorithm.name: problem 'simulator_random' runs one of"),
+    (["algorithm.name=pbrl", "algorithm.penalty=bellman"],
+     "algorithm.penalty: problem 'simulator_random' is a simulator problem"),
     (["estimator.hpgd.learner=no_such"], "estimator.hpgd: learner: expected one of"),
     (["estimator.hpgd.learner_options={bogus: 1}"], "estimator.hpgd: learner_options: "),
     (["estimator.hpgd.learner_options=3"], "estimator.hpgd.learner_options: expected a mapping"),

@@ -3,6 +3,14 @@
 
 Between chunks (never inside the compiled loop) the host reports progress, appends metrics,
 writes checkpoints and checks for NaN or inf.
+
+Tracking schedule (`track_every`): solving for the exact `F` to report it can cost more than the
+step itself. With `track_every=k` only iterations `i` with `i % k == 0` and every iteration of
+the final window (the iterations a final metric averages, e.g. SPEC 7.1's last 10%) are
+*tracked*; the others run an *untracked* build of the algorithm (same state pytree, same metrics
+pytree, `TRACKED_METRICS` set to NaN) that never solves for `F`. The schedule is applied per
+chunk, not per iteration: each maximal run of tracked or untracked iterations is its own
+compiled `lax.scan` (a `lax.cond` on a batched predicate would run both branches under `vmap`).
 """
 
 from __future__ import annotations
@@ -25,6 +33,70 @@ from bilevel_jax.estimators.base import Estimator, check_problem_for, make_estim
 
 class NonFiniteError(BilevelJaxError, FloatingPointError):
     """A NaN or inf appeared in `x` or in a gradient; the message names iteration and run."""
+
+
+# Metrics that only tracked iterations report (NaN on untracked ones under a schedule).
+TRACKED_METRICS = ("objective", "best_response_gap")
+
+
+def check_track_every(track_every, name: str = "track_every") -> None:
+    """Raises `InvalidArgumentError` naming `name` unless `track_every` is None or an int >= 1."""
+    if track_every is None:
+        return
+    if isinstance(track_every, bool) or not isinstance(track_every, (int, np.integer)) \
+            or track_every < 1:
+        raise InvalidArgumentError(f"{name}: expected an int >= 1 (track every k-th iteration "
+                                   f"and the final window) or None (every iteration), got "
+                                   f"{track_every!r}")
+
+
+def tracked_iterations(num_iters: int, track_every: int | None, final_window: int) -> np.ndarray:
+    """`bool [num_iters]`: which iterations solve for (and report) the exact objective.
+
+    Every iteration when `track_every` is None; else `i % track_every == 0` (iteration 0
+    included, so `F(x0)` is reported) and the last `final_window` iterations.
+    """
+    check_track_every(track_every)
+    if track_every is None:
+        return np.ones(num_iters, bool)
+    index = np.arange(num_iters)
+    return (index % track_every == 0) | (index >= num_iters - final_window)
+
+
+def track_segments(tracked: np.ndarray, start: int, stop: int) -> list[tuple[int, bool]]:
+    """`[(size, is_tracked), ...]`: iterations `[start, stop)` as maximal runs of one kind."""
+    segments: list[tuple[int, bool]] = []
+    for i in range(start, stop):
+        kind = bool(tracked[i])
+        if segments and segments[-1][1] == kind:
+            segments[-1] = (segments[-1][0] + 1, kind)
+        else:
+            segments.append((1, kind))
+    return segments
+
+
+def untracked_variant(untracked: Algorithm) -> Algorithm:
+    """`untracked` (an algorithm built without objective tracking, e.g.
+    `track_objective=False`) as the partner of its tracked build in a schedule: it runs on the
+    tracked build's state (top-level dict keys its step does not return, like a tracking solve's
+    warm start, are carried over unchanged) and reports `TRACKED_METRICS` as NaN."""
+
+    def step(problem, state):
+        new_state, metrics = untracked.step(problem, state)
+        if isinstance(state, dict) and isinstance(new_state, dict):
+            new_state = {**{k: v for k, v in state.items() if k not in new_state}, **new_state}
+        before = jax.tree_util.tree_structure(state)
+        after = jax.tree_util.tree_structure(new_state)
+        if before != after:
+            raise InvalidArgumentError(
+                f"track_every: the untracked build of the algorithm returns a state of another "
+                f"structure than the tracked build's ({after} vs {before}); the schedule needs "
+                f"both to share one state pytree")
+        metrics = {k: (jnp.full_like(v, jnp.nan) if k in TRACKED_METRICS else v)
+                   for k, v in metrics.items()}
+        return new_state, metrics
+
+    return Algorithm(untracked.init, step)
 
 
 class TrainResult(NamedTuple):
@@ -62,7 +134,8 @@ def _first_nonfinite(metrics: dict, offset: int, run_names=None) -> str | None:
 def train(problem, method: Estimator | Algorithm | str, optimizer: optax.GradientTransformation | None,
           num_iters: int, key: jax.Array, *, x0, chunk_size: int = 100,
           callback: Callable[[int, Any, dict], None] | None = None,
-          **estimator_options) -> TrainResult:
+          track_every: int | None = None, final_window: int | None = None,
+          untracked: Algorithm | None = None, **estimator_options) -> TrainResult:
     """Runs `num_iters` leader iterations from `x0`.
 
     Args:
@@ -75,6 +148,14 @@ def train(problem, method: Estimator | Algorithm | str, optimizer: optax.Gradien
       x0: initial leader parameters (any pytree).
       chunk_size: iterations per compiled chunk; `callback(iterations_done, state, metrics)` runs
         on the host after each chunk (progress, logging, checkpoints).
+      track_every: None (every iteration reports the exact objective) or `k`: only iterations
+        `i % k == 0` and the last `final_window` do (`tracked_iterations`); the others run an
+        untracked build (no solve for `F`) and report `TRACKED_METRICS` as NaN. With an
+        estimator whose objective is exact anyway (`exact`, model zero-order) it changes nothing.
+      final_window: iterations tracked at the end under `track_every` (default: the last 10%,
+        `ceil(0.1 num_iters)`, the window of SPEC 7.1's metric).
+      untracked: with a ready `Algorithm` and `track_every`, its untracked build (e.g.
+        `pbrl(..., track_objective=False)`); refused without one.
 
     Returns:
       `TrainResult(state, metrics, chunk_seconds)`; `metrics[name]` has shape `[num_iters]`.
@@ -83,6 +164,7 @@ def train(problem, method: Estimator | Algorithm | str, optimizer: optax.Gradien
       NonFiniteError: naming the first iteration with a NaN or inf in `x` or the gradient. The
         last finite state is `error.last_good_state`.
     """
+    track_objective = estimator_options.pop("track_objective", True)
     if isinstance(method, Algorithm):
         # A ready Algorithm checks what it needs itself (model or not); here only the form.
         needs = Estimator(None, None, simulator=True)
@@ -93,21 +175,46 @@ def train(problem, method: Estimator | Algorithm | str, optimizer: optax.Gradien
         raise InvalidArgumentError(f"num_iters: expected an int >= 1, got {num_iters!r}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise InvalidArgumentError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
+    check_track_every(track_every)
+    if final_window is None:
+        final_window = max(1, int(np.ceil(0.1 * num_iters)))
+    elif isinstance(final_window, bool) or not isinstance(final_window, int) or final_window < 0:
+        raise InvalidArgumentError(f"final_window: expected an int >= 0, got {final_window!r}")
     if isinstance(method, Algorithm):
         algorithm = method
+        if track_every is not None and untracked is None:
+            raise InvalidArgumentError(
+                "untracked: track_every with a ready Algorithm needs its untracked build "
+                "(e.g. pbrl(..., track_objective=False)), got None")
     else:
         if optimizer is None:
             raise InvalidArgumentError("optimizer: expected an optax optimizer for ascent, got None")
-        algorithm = hypergradient_ascent(method, optimizer, **estimator_options)
+        if track_every is not None and not track_objective:
+            raise InvalidArgumentError("track_every: needs track_objective=True (a schedule of "
+                                       "tracked iterations), got track_objective=False")
+        algorithm = hypergradient_ascent(method, optimizer, track_objective=track_objective,
+                                         **estimator_options)
+        if track_every is not None and untracked is None and not needs.exact_objective:
+            # (an estimator whose objective is exact anyway reports it on every iteration)
+            untracked = hypergradient_ascent(method, optimizer, track_objective=False,
+                                             **estimator_options)
+    plain = {True: algorithm, False: algorithm}
+    if track_every is not None and untracked is not None:
+        plain[False] = untracked_variant(untracked)
+    schedule = tracked_iterations(num_iters, track_every, final_window)
     state = algorithm.init(problem, x0, key)
     history, seconds, done = [], [], 0
     while done < num_iters:
         size = min(chunk_size, num_iters - done)
         start = time.perf_counter()
-        new_state, metrics = jax.block_until_ready(
-            _run_chunk(problem, state, algorithm=algorithm, size=size))
+        parts, new_state = [], state
+        for length, is_tracked in track_segments(schedule, done, done + size):
+            new_state, part = _run_chunk(problem, new_state, algorithm=plain[is_tracked],
+                                         size=length)
+            parts.append(part)
+        new_state = jax.block_until_ready(new_state)
         seconds.append(time.perf_counter() - start)
-        metrics = jax.tree_util.tree_map(np.asarray, metrics)
+        metrics = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
         where = _first_nonfinite(metrics, done)
         if where is not None:
             error = NonFiniteError(f"NaN or inf in x or the gradient at {where}; "
@@ -224,12 +331,16 @@ def per_device(fn: Callable, mesh: Mesh | None) -> Callable:
     return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
 
 
-def batched_fns(build: Callable[[Any], tuple[Any, Algorithm]], chunk_size: int,
-                mesh: Mesh | None = None):
+def batched_fns(build: Callable[[Any], tuple], chunk_size: int, mesh: Mesh | None = None, *,
+                tracked: bool = True):
     """`(init, chunk)` over a batch of runs, split over `mesh`'s devices if one is given.
 
-    `build(hparams) -> (problem, algorithm)` is called inside the vmapped, traced function, so
-    the hyperparameters (learning rate, temperature, rho, ...) may be traced scalars.
+    `build(hparams) -> (problem, algorithm)` or `(problem, algorithm, untracked)` is called
+    inside the vmapped, traced function, so the hyperparameters (learning rate, temperature,
+    rho, ...) may be traced scalars. `tracked=False` makes `chunk` run the untracked build
+    (`untracked_variant(untracked)`: no solve for the exact objective, `TRACKED_METRICS` NaN) on
+    the tracked build's state; without an untracked build (None, or a 2-tuple) it runs
+    `algorithm` (tracking is free, e.g. an exact estimator's own objective).
 
     * `init(hparams [R], x0 [R, ...], keys [R]) -> states [R, ...]`
     * `chunk(hparams [R], states [R, ...]) -> (states, metrics [R, chunk_size])`
@@ -238,11 +349,14 @@ def batched_fns(build: Callable[[Any], tuple[Any, Algorithm]], chunk_size: int,
     outputs are laid out as `shard_runs` lays out inputs.
     """
     def init_one(hp, x0, key):
-        problem, algorithm = build(hp)
+        problem, algorithm = build(hp)[:2]
         return algorithm.init(problem, x0, key)
 
     def chunk_one(hp, state):
-        problem, algorithm = build(hp)
+        problem, algorithm, *rest = build(hp)
+        untracked = rest[0] if rest else None
+        if not tracked and untracked is not None:
+            algorithm = untracked_variant(untracked)
         return chunk_fn(algorithm, problem, chunk_size)(state)
 
     return (jax.jit(per_device(jax.vmap(init_one), mesh)),

@@ -359,7 +359,8 @@ def _taxed(base: TaxDesignParams, w, context) -> TaxDesignParams:
 # --------------------------------------------------------------------------------------------
 
 def tax_design_problem(*, temperature=0.1, discount: float = 0.9, leader_discount: float = 0.9,
-                       params: TaxDesignParams | None = None, dtype=jnp.float32):
+                       params: TaxDesignParams | None = None, reference_bins: int | None = None,
+                       dtype=jnp.float32):
     """The tax-design bilevel problem over `TaxDesignEnv` (SPEC 7.2, 9).
 
     Leader variable `w` `[4]`: `(tau, y_1, y_2, y_3) = 2 * sigmoid(w)`. Context: the preference
@@ -374,6 +375,8 @@ def tax_design_problem(*, temperature=0.1, discount: float = 0.9, leader_discoun
       discount, leader_discount: `gamma`, `gammabar` (0.9 and 0.9).
       params: base `TaxDesignParams` (None: the defaults); its taxes and preferences are
         replaced by `w` and the context.
+      reference_bins: when given, the problem's `reference` is `tax_design_tabular` on that many
+        asset bins (the exact `F` of the twin, for reports: `bj.sim.reference_model`).
       dtype: of `w0`, the contexts and the env's states.
 
     Returns:
@@ -400,7 +403,10 @@ def tax_design_problem(*, temperature=0.1, discount: float = 0.9, leader_discoun
         env=env, env_params=env_params, follower_reward=follower_reward,
         leader_reward=leader_reward, transition_log_prob=transition_log_prob,
         temperature=temperature, discount=discount, leader_discount=leader_discount,
-        contexts=contexts, context_probs=probs)
+        contexts=contexts, context_probs=probs,
+        reference=None if reference_bins is None else tax_design_tabular(
+            reference_bins, temperature=temperature, discount=discount,
+            leader_discount=leader_discount, params=params, dtype=dtype)[0])
     return problem, initial_tax_params(dtype, base.num_goods)
 
 

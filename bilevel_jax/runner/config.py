@@ -12,6 +12,9 @@ Top level (every key optional; defaults are filled in and written to the run's `
     seeds:       int in [1, 100000] (seeds 0..n-1) or a list of distinct int64s, distinct
                  modulo 2**32 too (jax.random.key keeps 32 bits without x64)
     x0_noise:    number >= 0 (per-seed Gaussian perturbation of the problem's x0)
+    track_every: null (report the exact F every iteration) or int k >= 1: only iterations
+                 i % k == 0 and the final window (output.final_fraction) solve for F, the
+                 others report it as NaN (needs algorithm.track_objective: true)
     sweep:       {key.path: [values, ...], ...}     grid = product of the lists; x seeds
 
 Refusals raise `ConfigError` naming the key path: unknown keys (in any section), wrong types,
@@ -54,19 +57,44 @@ TOP_FIELDS = {
                         doc="iterations per compiled chunk; progress and checkpoints in between"),
     "x0_noise": Field("float", 0.0, low=0, traced=True,
                       doc="std of a per-seed Gaussian perturbation of x0 (0: every seed starts at x0)"),
+    "track_every": Field("int", None, low=1, nullable=True,
+                         doc="tracking schedule of the exact F (algorithm.track_objective): null "
+                             "tracks every iteration; k tracks iterations i with i % k == 0 and "
+                             "every iteration of the final window (output.final_fraction), the "
+                             "others report F as NaN and skip its solve"),
 }
 
 ALGORITHM_FIELDS = {
     "name": Field("str", "ascent", choices=ALGORITHM_NAMES,
                   doc="ascent: hypergradient ascent with the estimator; pbrl: penalty method; "
                       "decoupled: fit the reward model, then solve the follower (rlhf only)"),
-    "track_objective": Field("bool", True, doc="report the exact F(x) every iteration"),
+    "track_objective": Field("bool", True, doc="report the exact F(x) every iteration "
+                                               "(on track_every's schedule if set)"),
     "penalty": Field("str", "value", choices=("value", "bellman"), doc="pbrl: the penalty"),
     "rho_0": Field("float", 1.0, low=0, low_open=True, traced=True, doc="pbrl: initial rho"),
     "rho_max": Field("float", 100.0, low=0, low_open=True, traced=True, doc="pbrl: final rho"),
     "ramp_iters": Field("int", None, low=1, nullable=True,
                         doc="pbrl: iterations of the geometric rho ramp (null: iterations)"),
     "inner_sweeps": Field("int", 10, low=1, doc="pbrl: soft sweeps per iteration for V*"),
+    # pbrl on a simulator problem (bilevel_jax.algorithms.sample_pbrl); ignored on tabular ones
+    "learner": Field("str", "soft_dqn",
+                     doc="pbrl (simulator): the best-response learner for V* and pi*"),
+    "learner_options": Field("mapping", None, nullable=True,
+                             doc="pbrl (simulator): options of the learner (null: its defaults)"),
+    "num_envs": Field("int", 16, low=1, doc="pbrl (simulator): environments per rollout"),
+    "num_steps": Field("int", 128, low=1, doc="pbrl (simulator): steps per rollout"),
+    "policy_hidden": Field("int_list", [64, 64], low=1, nullable=True,
+                           doc="pbrl (simulator): policy network widths (null: linear policy)"),
+    "policy_activation": Field("str", "tanh", choices=("tanh", "relu"),
+                               doc="pbrl (simulator): policy network activation"),
+    "baseline_hidden": Field("int_list", [64, 64], low=1, nullable=True,
+                             doc="pbrl (simulator): learned baseline widths (null: linear)"),
+    "baseline_learning_rate": Field("float", 1e-3, low=0, low_open=True,
+                                    doc="pbrl (simulator): the baseline's Adam step size"),
+    "baseline_steps": Field("int", 10, low=0,
+                            doc="pbrl (simulator): baseline fitting steps per iteration"),
+    "score_terms": Field("bool", None, nullable=True,
+                         doc="pbrl (simulator): d_x log p terms (null: when x enters the dynamics)"),
     "fit_steps": Field("int", 1, low=1,
                        doc="decoupled: reward-model gradient steps on the buffer per iteration"),
 }
@@ -100,7 +128,7 @@ OUTPUT_FIELDS = {
 }
 
 TOP_KEYS = ("name", "problem", "estimator", "algorithm", "optimizer", "iterations", "chunk_size",
-            "seeds", "x0_noise", "output", "sweep")
+            "seeds", "x0_noise", "track_every", "output", "sweep")
 NOT_SWEEPABLE = ("problem.name", "problem.dtype")
 
 # Choices of estimator options that the factories only check once traced.
@@ -429,7 +457,7 @@ def resolve_config(raw: dict, *, default_name: str = "run") -> dict:
 
     config["algorithm"] = _resolve_fields("algorithm", raw.get("algorithm"), ALGORITHM_FIELDS)
     config["optimizer"] = _resolve_fields("optimizer", raw.get("optimizer"), OPTIMIZER_FIELDS)
-    for key in ("iterations", "chunk_size"):
+    for key in ("iterations", "chunk_size", "track_every"):
         config[key] = TOP_FIELDS[key].coerce(key, raw.get(key, TOP_FIELDS[key].default))
     config["seeds"] = _resolve_seeds(raw.get("seeds", 1))
     config["x0_noise"] = TOP_FIELDS["x0_noise"].coerce("x0_noise", raw.get("x0_noise", 0.0))
@@ -476,6 +504,10 @@ def _check_points(config: dict) -> None:
         if algorithm["name"] not in accepted:
             raise ConfigError(f"algorithm.name: problem {point['problem']['name']!r} runs one of "
                               f"{list(accepted)}, got {algorithm['name']!r}{where}")
+        if config["track_every"] is not None and not algorithm["track_objective"]:
+            raise ConfigError(f"track_every: a schedule of tracked iterations needs "
+                              f"algorithm.track_objective: true; expected null with "
+                              f"track_objective false, got {config['track_every']}{where}")
         if algorithm["name"] == "pbrl" and algorithm["rho_0"] > algorithm["rho_max"]:
             raise ConfigError(f"algorithm.rho_0: expected a number <= algorithm.rho_max "
                               f"({algorithm['rho_max']}), got {algorithm['rho_0']}{where}")
@@ -506,12 +538,27 @@ def _check_points(config: dict) -> None:
                     raise ConfigError(f"estimator.{name}: {err}{where}") from None
 
 
+def _check_simulator_pbrl(point: dict, where: str) -> None:
+    """PBRL on a simulator problem: the value penalty only, a buildable learner."""
+    algorithm = point["algorithm"]
+    if algorithm["penalty"] != "value":
+        raise ConfigError(f"algorithm.penalty: problem {point['problem']['name']!r} is a "
+                          f"simulator problem; PBRL there supports only 'value' (the Bellman "
+                          f"penalty needs a model), got {algorithm['penalty']!r}{where}")
+    try:
+        _check_learner("pbrl", algorithm)
+    except ConfigError as err:
+        raise ConfigError(f"algorithm.{err}{where}") from None
+
+
 def _check_simulator_point(point: dict, where: str) -> None:
     """A simulator problem has no model: a model-free estimator, no exact objective."""
     from bilevel_jax.estimators import base
 
     name = point["estimator"]["name"]
-    if name not in base._SIMULATOR_METHODS:
+    if point["algorithm"]["name"] == "pbrl":
+        _check_simulator_pbrl(point, where)
+    elif name not in base._SIMULATOR_METHODS:
         raise ConfigError(f"estimator.name: problem {point['problem']['name']!r} is a simulator "
                           f"problem (no model); expected a model-free method, one of "
                           f"{sorted(base._SIMULATOR_METHODS)}, got {name!r}{where}")
@@ -625,6 +672,8 @@ HASH_EXCLUDE = ("name", "output")
 def config_hash(config: dict) -> str:
     """Hash of everything that determines the numbers (not the name or the output section)."""
     payload = {k: v for k, v in config.items() if k not in HASH_EXCLUDE}
+    if payload.get("track_every", 0) is None:
+        del payload["track_every"]     # the default: hashes of configs from before the option
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -45,7 +45,10 @@ def plot_metric(path: str, metric: str, curves: list[Curve], title: str,
     positive = True
     for index, curve in enumerate(curves):
         mean, se = mean_and_se(curve.values)
-        steps = np.arange(mean.shape[0])
+        # Only the iterations some seed reports (a `track_every` schedule leaves the untracked
+        # ones NaN): the line joins the tracked points instead of breaking at every gap.
+        steps = np.nonzero(np.isfinite(mean))[0]
+        mean, se = mean[steps], se[steps]
         color = f"C{index % 10}"
         axes.plot(steps, mean, color=color, lw=1.5, label=curve.label,
                   linestyle=LINESTYLES[(index // 10 + index) % len(LINESTYLES)])

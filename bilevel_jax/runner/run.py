@@ -12,6 +12,11 @@
   checks for NaN or inf, appends the metrics, writes the checkpoint atomically and advances the
   progress bar. `resume=True` continues from the checkpoint; since the compiled programs, keys and
   states are the same, the numbers equal those of an uninterrupted run.
+* `track_every: k` (a tracking schedule): within each chunk, every maximal run of tracked
+  iterations (`i % k == 0`, and the final window the summary averages) and of untracked ones is
+  its own compiled program; the untracked one is the algorithm built with
+  `track_objective: false`, run on the tracked build's state, reporting `objective` as NaN. The
+  schedule depends only on the iteration index, so `resume` continues it exactly.
 * At the end: `metrics.csv`, `summary.json`, `plots/*.png`, `config.yaml` in the run directory.
 """
 
@@ -37,7 +42,8 @@ from bilevel_jax.runner.config import (
 from bilevel_jax.runner.fields import show_value
 from bilevel_jax.runner.plots import Curve, plot_metric
 from bilevel_jax.runner.problems import build_problem, problem_spec
-from bilevel_jax.runner.results import format_table, point_label, summarize, summary_rows
+from bilevel_jax.runner.results import (final_window, format_table, point_label, summarize,
+                                         summary_rows)
 
 RUN_FILES = ("config.yaml", "metrics.csv", "summary.json", rio.CHECKPOINT,
              *rio.LEGACY_CHECKPOINTS)
@@ -104,12 +110,46 @@ def make_algorithm(config: dict, optimizer, traced: dict | None = None):
     return pbrl(optimizer, penalty=section["penalty"], rho_0=section["rho_0"],
                 rho_max=section["rho_max"],
                 ramp_iters=section["ramp_iters"] or config["iterations"],
-                inner_sweeps=section["inner_sweeps"], track_objective=section["track_objective"])
+                inner_sweeps=section["inner_sweeps"], track_objective=section["track_objective"],
+                # the simulator form's options (ignored on tabular problems); null widths: linear
+                learner=section["learner"], learner_options=section["learner_options"],
+                num_envs=section["num_envs"], num_steps=section["num_steps"],
+                policy_hidden=tuple(section["policy_hidden"] or ()),
+                policy_activation=section["policy_activation"],
+                baseline_hidden=tuple(section["baseline_hidden"] or ()),
+                baseline_learning_rate=section["baseline_learning_rate"],
+                baseline_steps=section["baseline_steps"], score_terms=section["score_terms"])
+
+
+def tracking_is_free(config: dict) -> bool:
+    """True when the exact objective costs nothing extra (ascent with an estimator whose own
+    objective is exact: `exact`, zero-order with model values): a tracking schedule then has
+    no untracked build and every iteration reports `F`."""
+    from bilevel_jax.estimators import make_estimator
+
+    if (config["algorithm"]["name"] != "ascent"
+            or problem_spec(config["problem"]["name"]).make_algorithm is not None):
+        return False
+    name = config["estimator"]["name"]
+    return make_estimator(name, **config["estimator"][name]).exact_objective
+
+
+def make_untracked_algorithm(config: dict, optimizer, traced: dict | None = None):
+    """The algorithm built with `algorithm.track_objective: false`: the untracked partner of a
+    `track_every` schedule (`bilevel_jax.algorithms.train.untracked_variant` runs it on the
+    tracked build's state and reports the tracked metrics as NaN)."""
+    untracked = dict(config, algorithm=dict(config["algorithm"], track_objective=False))
+    return make_algorithm(untracked, optimizer, traced)
 
 
 def make_build(config: dict, problem, traced_keys: list[str]):
-    """`build(hparams) -> (problem, algorithm)` for `batched_fns`; `hparams[key]` are traced."""
+    """`build(hparams) -> (problem, algorithm)` for `batched_fns`; `hparams[key]` are traced.
+
+    With `track_every` set (and tracking not free, `tracking_is_free`), `(problem, algorithm,
+    untracked)`: the untracked build runs the schedule's untracked iterations.
+    """
     spec = problem_spec(config["problem"]["name"])
+    scheduled = config.get("track_every") is not None and not tracking_is_free(config)
 
     def build(hparams):
         by_section: dict[str, dict] = {"problem": {}, "optimizer": {}, "algorithm": {}}
@@ -120,7 +160,11 @@ def make_build(config: dict, problem, traced_keys: list[str]):
         built = spec.apply_traced(problem, by_section["problem"], section)
         optimizer = make_optimizer(config["optimizer"], config["iterations"],
                                    by_section["optimizer"])
-        return built, make_algorithm(config, optimizer, by_section["algorithm"])
+        algorithm = make_algorithm(config, optimizer, by_section["algorithm"])
+        if not scheduled:
+            return built, algorithm
+        untracked = make_untracked_algorithm(config, optimizer, by_section["algorithm"])
+        return built, algorithm, untracked
 
     return build
 
@@ -145,7 +189,7 @@ class Group:
     state: Any = None
     metrics: dict = field(default_factory=dict)     # name -> list of [runs, n] arrays
     padded: int = 0
-    programs: dict = field(default_factory=dict)    # chunk length -> compiled chunk
+    programs: dict = field(default_factory=dict)    # (length, tracked) -> compiled chunk
     problem: Any = None
     hparams_device: Any = None
 
@@ -419,6 +463,7 @@ def _run_locked(config: dict, *, resume: bool, checkpoint: dict | None, progress
         runs_to_host,
         shard_runs,
     )
+    from bilevel_jax.algorithms.train import track_segments, tracked_iterations
 
     points, groups, traced, structural = make_groups(config)
     devices = jax.device_count()   # every process's devices: the runs split over all of them
@@ -441,8 +486,17 @@ def _run_locked(config: dict, *, resume: bool, checkpoint: dict | None, progress
 
     chunk_size = min(config["chunk_size"], config["iterations"])
     iterations = config["iterations"]
-    remainder = iterations % chunk_size
     done = checkpoint["done"] if checkpoint is not None else 0
+    # Which iterations solve for the exact F (track_every; the final window is the metric's).
+    schedule = tracked_iterations(iterations, config.get("track_every"),
+                                  final_window(iterations, config["output"]["final_fraction"]))
+
+    def chunk_segments(start: int) -> list[tuple[int, bool]]:
+        return track_segments(schedule, start, min(start + chunk_size, iterations))
+
+    # The compiled programs the remaining chunks need: (length, tracked) of each segment.
+    needed = sorted({seg for start in range(done, iterations, chunk_size)
+                     for seg in chunk_segments(start)}, key=lambda seg: (-seg[0], not seg[1]))
     if checkpoint is not None:
         print(f"  --resume: continuing from iteration {done} of {iterations} "
               f"({os.path.join(directory, rio.CHECKPOINT)})", file=stream)
@@ -458,7 +512,7 @@ def _run_locked(config: dict, *, resume: bool, checkpoint: dict | None, progress
         runs = len(group.runs)
         group.padded = padded_size(runs, mesh)
         build = make_build(group.template, group.problem, group.hparam_keys)
-        init_fn, chunk_fn = batched_fns(build, chunk_size, mesh)
+        init_fn, _ = batched_fns(build, chunk_size, mesh)
         hparams = shard_runs({k: jnp.asarray(_pad(v, group.padded))
                               for k, v in group.hparams.items()}, mesh)
         x0 = shard_runs(jax.tree_util.tree_map(lambda a: jnp.asarray(_pad(a, group.padded)),
@@ -473,11 +527,15 @@ def _run_locked(config: dict, *, resume: bool, checkpoint: dict | None, progress
             shapes = jax.eval_shape(init_fn, hparams, x0, keys)
             group.state = _state_from_host(saved["state"], shapes, group.padded, mesh)
             group.metrics = {k: [v] for k, v in saved["metrics"].items()}
-        if done < iterations:
-            group.programs[chunk_size] = chunk_fn.lower(hparams, group.state).compile()
-            if remainder:
-                _, tail = batched_fns(build, remainder, mesh)
-                group.programs[remainder] = tail.lower(hparams, group.state).compile()
+        free = tracking_is_free(group.template)     # no untracked build: one program per length
+        for length, tracked in needed:
+            if free and (length, True) in group.programs:
+                group.programs[length, tracked] = group.programs[length, True]
+                continue
+            _, program = batched_fns(build, length, mesh, tracked=tracked)
+            group.programs[length, tracked] = program.lower(hparams, group.state).compile()
+            if free:
+                group.programs[length, True] = group.programs[length, tracked]
         if done < iterations:
             print(f" {time.perf_counter() - tick:.1f} s", file=stream, flush=True)
     if done >= iterations:
@@ -502,13 +560,19 @@ def _run_locked(config: dict, *, resume: bool, checkpoint: dict | None, progress
                dynamic_ncols=True, disable=not progress, smoothing=0.1, mininterval=0.25)
     try:
         while done < iterations:
-            size = min(chunk_size, iterations - done)
+            segments = chunk_segments(done)
+            size = sum(length for length, _ in segments)
             new_states, chunk_metrics = [], []
             for group in groups:
                 tick = time.perf_counter()
-                state, metrics = group.programs[size](group.hparams_device, group.state)
+                state, parts = group.state, []
+                for segment in segments:
+                    state, part = group.programs[segment](group.hparams_device, state)
+                    parts.append(part)
                 # Every process gets every run's metrics, so all stop alike on NaN or inf.
-                metrics = {k: v[:len(group.runs)] for k, v in runs_to_host(metrics).items()}
+                parts = [runs_to_host(part) for part in parts]
+                metrics = {k: np.concatenate([p[k] for p in parts], axis=1)[:len(group.runs)]
+                           for k in parts[0]}
                 jax.block_until_ready(state)
                 group.seconds += time.perf_counter() - tick
                 group.iterations_timed += size

@@ -9,7 +9,7 @@ checked against `exact`.
 
 from bilevel_jax.sim import spaces
 from bilevel_jax.sim.problem import (InvalidSimulatorError, SimulatorProblem, Step, check_simulator,
-                                     validate_simulator)
+                                     reference_model, validate_simulator)
 from bilevel_jax.sim.rollout import (RolloutCarry, Trajectory, discounted_returns, env_step, reset,
                                      rollout, step_rewards, transition_log_probs)
 from bilevel_jax.sim.tabular import (TabularEnv, TabularEnvParams, TabularEnvState, as_simulator,
@@ -17,5 +17,5 @@ from bilevel_jax.sim.tabular import (TabularEnv, TabularEnvParams, TabularEnvSta
 
 __all__ = ["InvalidSimulatorError", "RolloutCarry", "SimulatorProblem", "Step", "TabularEnv",
            "TabularEnvParams", "TabularEnvState", "Trajectory", "as_simulator", "check_simulator",
-           "discounted_returns", "env_step", "reset", "rollout", "spaces", "step_rewards",
-           "successor_log_prob", "transition_log_probs", "validate_simulator"]
+           "discounted_returns", "env_step", "reference_model", "reset", "rollout", "spaces",
+           "step_rewards", "successor_log_prob", "transition_log_probs", "validate_simulator"]

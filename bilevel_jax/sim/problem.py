@@ -74,6 +74,10 @@ class SimulatorProblem(ContextsMixin):
       context_probs: `[K]` probabilities (None: uniform).
       context_sampler: optional `key -> context` (instead of finite contexts).
       max_episode_steps: time limit of the simulated episodes (None: the environment's own).
+      reference: optional tabular `BilevelProblem` modelling the same problem (`as_simulator`
+        sets it to its source; `tax_design_problem` to a binned twin). Only for reporting the
+        exact `F(x)` (`reference_model`); no estimator reads it. It is evaluated at this
+        problem's `temperature` and `leader_discount`, so sweeping those keeps them in step.
     """
 
     env: Environment = struct.field(pytree_node=False)
@@ -88,6 +92,7 @@ class SimulatorProblem(ContextsMixin):
     context_probs: Any = None
     context_sampler: Callable[[Array], Any] | None = struct.field(pytree_node=False, default=None)
     max_episode_steps: int | None = struct.field(pytree_node=False, default=None)
+    reference: Any = None
 
     def follower_discount(self, x, context) -> Any:
         if self.discount is not None:
@@ -107,6 +112,15 @@ class SimulatorProblem(ContextsMixin):
 
     def is_factorized(self, params) -> bool:
         return spaces.is_factorized(self.env.action_space(params))
+
+
+def reference_model(problem: SimulatorProblem):
+    """The tabular model to evaluate the exact `F(x)` of `problem` on: `problem.reference` at the
+    simulator's `temperature` and `leader_discount`, or None when it has none."""
+    if problem.reference is None:
+        return None
+    return problem.reference.replace(temperature=problem.temperature,
+                                     leader_discount=problem.leader_discount)
 
 
 def check_simulator(problem: SimulatorProblem) -> None:
@@ -129,6 +143,13 @@ def check_simulator(problem: SimulatorProblem) -> None:
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise InvalidSimulatorError(f"max_episode_steps: expected an int >= 1 or None, got {steps!r}")
     check_contexts(problem, InvalidSimulatorError)
+    if problem.reference is not None:
+        from bilevel_jax.problem import BilevelProblem  # noqa: PLC0415 - avoids an import cycle
+
+        if not isinstance(problem.reference, BilevelProblem):
+            raise InvalidSimulatorError(
+                "reference: expected a tabular BilevelProblem or None, got "
+                f"{type(problem.reference).__name__}")
 
 
 def _probe_context(problem: SimulatorProblem, key):

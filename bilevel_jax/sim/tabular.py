@@ -120,6 +120,7 @@ def as_simulator(problem: BilevelProblem, *, observation: str = "one_hot",
 
     The follower's discount is read from `problem.follower(x, context).discount` (through the
     env params). `d_x mu` (an initial distribution depending on `x`) has no score term here.
+    `problem` itself is the result's `reference` (the exact `F` for reports).
     """
     if not isinstance(problem, BilevelProblem):
         raise InvalidArgumentError(f"problem: expected a BilevelProblem, got {type(problem).__name__}")
@@ -142,4 +143,5 @@ def as_simulator(problem: BilevelProblem, *, observation: str = "one_hot",
         leader_reward=leader_reward, transition_log_prob=transition_log_prob,
         temperature=problem.temperature, discount=None, leader_discount=problem.leader_discount,
         contexts=problem.contexts, context_probs=problem.context_probs,
-        context_sampler=problem.context_sampler, max_episode_steps=max_episode_steps)
+        context_sampler=problem.context_sampler, max_episode_steps=max_episode_steps,
+        reference=problem)

@@ -7,7 +7,8 @@ a twin whose builder returns `bj.sim.as_simulator(problem)`: the same fields (th
 problem's, flat, with their defaults and checks) plus `observation` and `max_episode_steps`.
 Only the model-free estimators run on it (`hpgd`, `zero_order`: the config refuses the others),
 under `algorithm.name: ascent` with `algorithm.track_objective: false` (there is no model to
-solve for the exact `F`). Since the simulator and the tabular problem share their model, a run
+solve for the exact `F`), and the model-free PBRL (`algorithm.name: pbrl`, value penalty; see
+`bilevel_jax.algorithms.sample_pbrl`). Since the simulator and the tabular problem share their model, a run
 on the twin can be compared with the tabular run of the same config.
 """
 
@@ -69,9 +70,9 @@ def register_simulator_of(name: str) -> str:
     simulator_name = f"simulator_{name}"
     register_problem(simulator_name, build, fields=_simulator_fields(spec),
                      check=check if spec.check is not None else None,
-                     apply_traced=apply_traced, algorithms=("ascent",), simulator=True,
+                     apply_traced=apply_traced, algorithms=("ascent", "pbrl"), simulator=True,
                      doc=f"{name} as a simulator problem (bj.sim.as_simulator; model-free "
-                         f"estimators: hpgd, zero_order)")
+                         f"estimators: hpgd, zero_order; model-free pbrl)")
     return simulator_name
 
 
