@@ -30,7 +30,9 @@ ZERO_ORDER = _sets("estimator.name=zero_order", "estimator.zero_order.learner=so
 
 
 @pytest.mark.parametrize("method, overrides, samples", [
-    ("hpgd", [], 8 * 100), ("zero_order", ZERO_ORDER, 2 * 8 * 50)])
+    # with the exact F solved on the tabular source (bj.sim.reference_model)
+    ("hpgd", _sets("algorithm.track_objective=true"), 8 * 100),
+    ("zero_order", ZERO_ORDER, 2 * 8 * 50)])
 def test_simulator_config_runs_end_to_end(tmp_path, capsys, method, overrides, samples):
     out = tmp_path / "run"
     assert cli.main(["run", CONFIG, *FEW, *overrides, "--out", str(out), "--no-progress"]) == 0
@@ -42,8 +44,8 @@ def test_simulator_config_runs_end_to_end(tmp_path, capsys, method, overrides, s
     # numbers, a small u z can leave every sampled action, hence both returns, unchanged).
     assert all(math.isfinite(g) for g in grads) and any(g > 0 for g in grads), grads
     assert all(float(r["samples"]) == samples for r in rows)
-    if method == "zero_order":      # its F estimate (the mean discounted leader return)
-        assert all(math.isfinite(float(r["objective"])) for r in rows)
+    # zero-order: its F estimate (the mean discounted leader return); hpgd: the reference's F
+    assert all(math.isfinite(float(r["objective"])) for r in rows)
     assert "simulator_random" in capsys.readouterr().out
 
 
@@ -66,7 +68,6 @@ def test_yaml_estimator_options_reach_the_estimator():
 
 @pytest.mark.parametrize("overrides, message", [
     (["estimator.name=exact"], "estimator.name: problem 'simulator_random' is a simulator"),
-    (["algorithm.track_objective=true"], "algorithm.track_objective: "),
     (["algorithm.name=pbrl", "algorithm.penalty=bellman"],
      "algorithm.penalty: problem 'simulator_random' is a simulator problem"),
     (["estimator.hpgd.learner=no_such"], "estimator.hpgd: learner: expected one of"),
@@ -86,9 +87,23 @@ def test_refusals_name_the_key(tmp_path, capsys, overrides, message):
     assert not out.exists()
 
 
+def test_track_objective_refused_on_a_simulator_without_a_reference(tmp_path, capsys):
+    path = tmp_path / "tax.yaml"
+    path.write_text("problem: {name: tax_design, reference_bins: null}\n"
+                    "estimator: {name: hpgd, hpgd: {learner: soft_dqn}}\n"
+                    "algorithm: {name: ascent, track_objective: true}\n"
+                    "iterations: 2\n")
+    out = tmp_path / "refused"
+    assert cli.main(["run", str(path), "--out", str(out)]) == 2
+    assert "algorithm.track_objective: problem 'tax_design' is a simulator problem without a " \
+           "tabular reference" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_python_train_on_a_simulator_reports_no_exact_objective():
-    """`bj.train` on a simulator problem with the default `track_objective=True` runs (there is
-    no model to solve for F, so `objective` is the estimator's own or NaN) and moves x."""
+    """`bj.train` on a simulator problem without a `reference`, with the default
+    `track_objective=True`, runs (no model to solve for F: `objective` is the estimator's own
+    or NaN) and moves x."""
     import jax
     import numpy as np
     import optax
@@ -97,7 +112,8 @@ def test_python_train_on_a_simulator_reports_no_exact_objective():
     from bilevel_jax.envs.random_mdp import random_bilevel_problem
 
     tabular, x0 = random_bilevel_problem(0, num_states=5, num_actions=3, temperature=0.5)
-    result = bj.train(bj.as_simulator(tabular), "hpgd", optax.sgd(0.1), 3, jax.random.key(0),
+    simulator = bj.as_simulator(tabular).replace(reference=None)
+    result = bj.train(simulator, "hpgd", optax.sgd(0.1), 3, jax.random.key(0),
                       x0=x0, chunk_size=3, learner="soft_q_tabular", num_envs=8, num_steps=32)
     assert np.all(np.isnan(result.metrics["objective"]))
     assert np.all(np.isfinite(result.metrics["grad_norm"]))

@@ -562,10 +562,12 @@ def _check_simulator_point(point: dict, where: str) -> None:
         raise ConfigError(f"estimator.name: problem {point['problem']['name']!r} is a simulator "
                           f"problem (no model); expected a model-free method, one of "
                           f"{sorted(base._SIMULATOR_METHODS)}, got {name!r}{where}")
-    if point["algorithm"]["track_objective"]:
+    spec = problem_spec(point["problem"]["name"])
+    if point["algorithm"]["track_objective"] and (
+            spec.has_reference is None or not spec.has_reference(point["problem"])):
         raise ConfigError(f"algorithm.track_objective: problem {point['problem']['name']!r} is a "
-                          f"simulator problem, without a model to solve for the exact F; "
-                          f"expected false, got true{where}")
+                          f"simulator problem without a tabular reference model to solve for "
+                          f"the exact F; expected false, got true{where}")
 
 
 def _check_learner(name: str, options: dict) -> None:

@@ -49,6 +49,7 @@ class ProblemSpec:
     algorithms: tuple[str, ...] = GENERIC_ALGORITHMS
     make_algorithm: Callable[[dict, Any, dict], Any] | None = None
     simulator: bool = False
+    has_reference: Callable[[dict], bool] | None = None
 
 
 _PROBLEMS: dict[str, ProblemSpec] = {}
@@ -59,7 +60,8 @@ def register_problem(name: str, builder: Callable[[dict], tuple[Any, Any]], *,
                      apply_traced: Callable[[Any, dict, dict], Any] = _replace, doc: str = "",
                      algorithms: tuple[str, ...] = GENERIC_ALGORITHMS,
                      make_algorithm: Callable[[dict, Any, dict], Any] | None = None,
-                     simulator: bool = False) -> None:
+                     simulator: bool = False,
+                     has_reference: Callable[[dict], bool] | None = None) -> None:
     """Makes `problem.name: NAME` available in configs.
 
     Args:
@@ -73,11 +75,13 @@ def register_problem(name: str, builder: Callable[[dict], tuple[Any, Any]], *,
       make_algorithm: `(config, optimizer, algorithm_section) -> Algorithm`, for problems that
         bring their own algorithms (None: the generic `ascent` and `pbrl`).
       simulator: the builder returns a `bj.SimulatorProblem` (see the module doc).
+      has_reference: `section -> bool` for a simulator problem built with a tabular `reference`
+        (`bj.sim.reference_model`): then `algorithm.track_objective: true` reports its exact F.
     """
     if "name" in fields:
         raise ValueError("fields: 'name' is reserved for the problem's name")
     _PROBLEMS[name] = ProblemSpec(name, builder, dict(fields), check, apply_traced, doc,
-                                  tuple(algorithms), make_algorithm, simulator)
+                                  tuple(algorithms), make_algorithm, simulator, has_reference)
 
 
 def problem_names() -> tuple[str, ...]:

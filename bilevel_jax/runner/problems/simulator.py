@@ -6,8 +6,8 @@ Every tabular problem registered before this module loads (one without its own a
 a twin whose builder returns `bj.sim.as_simulator(problem)`: the same fields (the tabular
 problem's, flat, with their defaults and checks) plus `observation` and `max_episode_steps`.
 Only the model-free estimators run on it (`hpgd`, `zero_order`: the config refuses the others),
-under `algorithm.name: ascent` with `algorithm.track_objective: false` (there is no model to
-solve for the exact `F`), and the model-free PBRL (`algorithm.name: pbrl`, value penalty; see
+under `algorithm.name: ascent` (with `algorithm.track_objective: true` the exact `F` of each
+iterate is solved on the tabular source, `bj.sim.reference_model`, which no estimator sees), and the model-free PBRL (`algorithm.name: pbrl`, value penalty; see
 `bilevel_jax.algorithms.sample_pbrl`). Since the simulator and the tabular problem share their model, a run
 on the twin can be compared with the tabular run of the same config.
 """
@@ -71,6 +71,7 @@ def register_simulator_of(name: str) -> str:
     register_problem(simulator_name, build, fields=_simulator_fields(spec),
                      check=check if spec.check is not None else None,
                      apply_traced=apply_traced, algorithms=("ascent", "pbrl"), simulator=True,
+                     has_reference=lambda section: True,
                      doc=f"{name} as a simulator problem (bj.sim.as_simulator; model-free "
                          f"estimators: hpgd, zero_order; model-free pbrl)")
     return simulator_name

@@ -6,7 +6,10 @@ estimators: `hpgd` with a learning follower such as `soft_dqn`, `zero_order`; th
 `pbrl`); `tax_design_tabular` its exact tabular twin on `num_asset_bins` asset bins (every
 estimator, `exact` included), which also gets the simulator twin `simulator_tax_design_tabular`
 (the model-free methods against the twin's exact hypergradient). The leader's `w` `[4]` is the
-income tax and the 3 VAT rates as `2 sigmoid(w)`, starting at 0.3.
+income tax and the 3 VAT rates as `2 sigmoid(w)`, starting at 0.3. With
+`algorithm.track_objective: true`, `tax_design` reports the exact welfare `F(w)` of its
+`reference_bins`-bin twin (an approximation of the continuous economy's: `tax_design_tabular`'s
+docstring says how close).
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ def build_tax_design(section: dict):
     from bilevel_jax.envs.tax_design import tax_design_problem  # noqa: PLC0415 - gymnax
 
     return tax_design_problem(temperature=section["temperature"], discount=section["discount"],
-                              leader_discount=section["leader_discount"], dtype=_dtype(section))
+                              leader_discount=section["leader_discount"],
+                              reference_bins=section["reference_bins"], dtype=_dtype(section))
 
 
 def build_tax_design_tabular(section: dict):
@@ -52,7 +56,15 @@ def build_tax_design_tabular(section: dict):
                               leader_discount=section["leader_discount"], dtype=_dtype(section))
 
 
-register_problem("tax_design", build_tax_design, fields=dict(_COMMON), simulator=True,
+SIMULATOR_FIELDS = {
+    "reference_bins": Field("int", 41, low=2, nullable=True,
+                            doc="asset bins of the tabular twin that reports the exact F "
+                                "(algorithm.track_objective; null: none)"),
+    **_COMMON,
+}
+
+register_problem("tax_design", build_tax_design, fields=SIMULATOR_FIELDS, simulator=True,
+                 has_reference=lambda section: section["reference_bins"] is not None,
                  doc="CB-RL tax design: the household economy as a simulator (SPEC 7.2; "
                      "model-free estimators: hpgd, zero_order; model-free pbrl)")
 register_problem("tax_design_tabular", build_tax_design_tabular, fields=TABULAR_FIELDS,
