@@ -56,7 +56,13 @@ _LAZY = {"learners": ("bilevel_jax.learners", None), "sim": ("bilevel_jax.sim", 
          "InvalidSimulatorError": ("bilevel_jax.sim", "InvalidSimulatorError"),
          "SimulatorProblem": ("bilevel_jax.sim", "SimulatorProblem"),
          "as_simulator": ("bilevel_jax.sim", "as_simulator"),
-         "validate_simulator": ("bilevel_jax.sim", "validate_simulator")}
+         "validate_simulator": ("bilevel_jax.sim", "validate_simulator"),
+         "preferences_sim": ("bilevel_jax.preferences_sim", None),
+         "RLHFSimProblem": ("bilevel_jax.algorithms.rlhf_sim", "RLHFSimProblem"),
+         "rlhf_sim_problem": ("bilevel_jax.algorithms.rlhf_sim", "rlhf_sim_problem"),
+         "rlhf_sim_pbrl": ("bilevel_jax.algorithms.rlhf_sim", "rlhf_sim_pbrl"),
+         "rlhf_sim_decoupled": ("bilevel_jax.algorithms.rlhf_sim", "rlhf_sim_decoupled"),
+         "rlhf_sim_true_reward": ("bilevel_jax.algorithms.rlhf_sim", "rlhf_sim_true_reward")}
 
 
 def __getattr__(name: str):

@@ -13,6 +13,7 @@ from bilevel_jax.runner.problems import stackelberg  # noqa: F401  (registration
 from bilevel_jax.runner.problems import incentive_design  # noqa: F401  (registration)
 from bilevel_jax.runner.problems import rlhf  # noqa: F401  (registration)
 from bilevel_jax.runner.problems import tax_design  # noqa: F401  (registration)
+from bilevel_jax.runner.problems import rlhf_minatar  # noqa: F401  (registration)
 # Last: it wraps every tabular problem registered above.
 from bilevel_jax.runner.problems import simulator  # noqa: F401  (registration)
 
