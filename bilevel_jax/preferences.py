@@ -641,13 +641,14 @@ class PairBuffer:
     """The last `B` labelled pairs in ring arrays.
 
     Attributes:
-      pairs: `TrajectoryPairs` with `[B, 2, H]` fields; slot `i` holds pair number
-        `i + B * k` for the largest `k` with that number `< count`.
+      pairs: `TrajectoryPairs` with `[B, 2, H]` fields (`preferences_sim`: `SegmentPairs`, any
+        pytree of `[B, ...]` leaves); slot `i` holds pair number `i + B * k` for the largest `k`
+        with that number `< count`.
       labels: `[B]` labels.
       count: int scalar, pairs pushed so far (all time).
     """
 
-    pairs: TrajectoryPairs
+    pairs: Any
     labels: Array
     count: Array
 

@@ -45,8 +45,8 @@ import numpy as np
 from flax import struct
 
 from bilevel_jax.errors import InvalidArgumentError
-from bilevel_jax.preferences import (BASELINES, RewardModel, check_noise, preference_probability,
-                                     score_weights)
+from bilevel_jax.preferences import (BASELINES, PairBuffer, RewardModel, check_noise,
+                                     preference_probability, score_weights)
 from bilevel_jax.sim import spaces
 
 Array = jax.Array
@@ -360,31 +360,15 @@ def preference_gradients(apply: Callable, params, policy_apply: Callable, policy
 # FIFO buffer (ring arrays, jittable)
 # --------------------------------------------------------------------------------------------
 
-@struct.dataclass
-class SegmentBuffer:
-    """The last `B` labelled segment pairs (as `preferences.PairBuffer`, for `SegmentPairs`).
-
-    `pairs` fields have a leading axis `B`; slot `i` holds pair number `i + B k` (the largest
-    `k` with that number `< count`); `count` the pairs pushed so far."""
-
-    pairs: SegmentPairs
-    labels: Array
-    count: Array
-
-    @property
-    def size(self) -> int:
-        return self.labels.shape[-1]
-
-    @property
-    def valid(self) -> Array:
-        return jnp.arange(self.size) < self.count
+# The FIFO ring of `preferences.PairBuffer`, holding `SegmentPairs` (`[B, 2, L]` fields).
+SegmentBuffer = PairBuffer
 
 
 def empty_buffer(size: int, like: SegmentPairs, dtype=jnp.float32) -> SegmentBuffer:
     """A buffer of `size` slots for pairs shaped like `like` (any number of pairs)."""
     size = _check_int("buffer_size", size, 1)
     pairs = jax.tree_util.tree_map(lambda a: jnp.zeros((size,) + a.shape[1:], a.dtype), like)
-    return SegmentBuffer(pairs=pairs, labels=jnp.zeros((size,), dtype),
+    return PairBuffer(pairs=pairs, labels=jnp.zeros((size,), dtype),
                          count=jnp.zeros((), jnp.int32))
 
 
@@ -399,7 +383,7 @@ def push_pairs(buffer: SegmentBuffer, pairs: SegmentPairs, labels: Array) -> Seg
     slots = (buffer.count + jnp.arange(n)) % size
     new = jax.tree_util.tree_map(lambda old, a: old.at[slots].set(a.astype(old.dtype)),
                                  buffer.pairs, pairs)
-    return SegmentBuffer(pairs=new, labels=buffer.labels.at[slots].set(
+    return PairBuffer(pairs=new, labels=buffer.labels.at[slots].set(
         labels.astype(buffer.labels.dtype)), count=buffer.count + n)
 
 

@@ -81,7 +81,14 @@ def _buffer_loss(problem: RLHFProblem, x, buffer):
 
 def _fit(problem: RLHFProblem, optimizer, x, opt_state, buffer, steps: int):
     """`steps` optimizer steps on the buffer's NLL; returns `(x, opt_state, first grad)`."""
-    grad_fn = jax.grad(lambda p: _buffer_loss(problem, p, buffer))
+    return fit_loss(lambda p: _buffer_loss(problem, p, buffer), optimizer, x, opt_state, steps)
+
+
+def fit_loss(loss, optimizer, x, opt_state, steps: int):
+    """`steps` optimizer steps on `loss(x)` in one scan: `(x, opt_state, first grad norm)`."""
+    if steps == 0:
+        return x, opt_state, jnp.zeros((), jnp.float32)
+    grad_fn = jax.grad(loss)
 
     def body(carry, _):
         x, opt_state = carry
@@ -90,7 +97,7 @@ def _fit(problem: RLHFProblem, optimizer, x, opt_state, buffer, steps: int):
         return (optax.apply_updates(x, updates), opt_state), global_norm(grads)
 
     (x, opt_state), norms = jax.lax.scan(body, (x, opt_state), None, length=steps)
-    return x, opt_state, norms[0] if steps else jnp.zeros(())
+    return x, opt_state, norms[0]
 
 
 def _setup(problem: RLHFProblem, x0, key, optimizer):

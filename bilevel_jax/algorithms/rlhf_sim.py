@@ -52,6 +52,7 @@ from gymnax.environments.environment import Environment
 
 from bilevel_jax.algorithms.base import Algorithm, any_nonfinite, global_norm
 from bilevel_jax.algorithms.pbrl import rho_schedule
+from bilevel_jax.algorithms.rlhf import fit_loss
 from bilevel_jax.algorithms.sample_pbrl import (SamplePBRLConfig, check_sample_options, estimate,
                                                 init_follower, policy_net)
 from bilevel_jax.errors import InvalidArgumentError
@@ -233,18 +234,7 @@ def _buffer_loss(problem, x, buffer):
 
 def _fit(problem, optimizer, x, opt_state, buffer, steps: int):
     """`steps` full-batch optimizer steps on the buffer's NLL: `(x, opt_state, first grad norm)`."""
-    if steps == 0:
-        return x, opt_state, jnp.zeros((), jnp.float32)
-    grad_fn = jax.grad(lambda p: _buffer_loss(problem, p, buffer))
-
-    def body(carry, _):
-        x, opt_state = carry
-        grads = grad_fn(x)
-        updates, opt_state = optimizer.update(grads, opt_state, x)
-        return (optax.apply_updates(x, updates), opt_state), global_norm(grads)
-
-    (x, opt_state), norms = jax.lax.scan(body, (x, opt_state), None, length=steps)
-    return x, opt_state, norms[0]
+    return fit_loss(lambda p: _buffer_loss(problem, p, buffer), optimizer, x, opt_state, steps)
 
 
 def _setup(problem: RLHFSimProblem, x0, key, optimizer, policy):
