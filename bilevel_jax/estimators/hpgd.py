@@ -379,6 +379,68 @@ def _doubly_robust_sum(delta, alive, lengths):
     return jnp.sum(used * delta, axis=0), jnp.sum(used, axis=0)
 
 
+def _loo_leader_critic(s, a, first, g_bar, num_states, num_actions):
+    """The leader's leave-one-environment-out first-visit critic of the critic form.
+
+    Args: `s, a [H, N]` state and (joint) action indices of `N` environments' steps, `first
+    [H, N]` the mask of their first episodes (float), `g_bar [H, N]` the leader's returns from
+    each step within its episode.
+
+    Per environment `i`, `Qhat_{-i}(s, a)` is the mean over the *other* environments of the
+    return `Gbar` from their first visit of `(s, a)` (at `t < H / 2`, so the window cuts it by
+    at most `gammabar^(H / 2)`). The environments visiting `(s, a)` are decided before their
+    first visit, so it is an unbiased estimate of `Qbar(s, a)`, independent of environment
+    `i`. Where no other environment saw `(s, a)` the pooled per-(s, a) mean of every visit of
+    every environment (or its state's mean) stands in (`covered` False there).
+
+    Returns a dict: `covered [N, S, A]` bool, `q_hat [N, S, A]` (the critic), `q_pool [S, A]`
+    (the pooled means, also the branches' doubly robust critic), `v_i, g_i [N, S * A]` (first
+    visits and their returns per environment, for the variance groups).
+    """
+    h, n = s.shape
+    S, A = num_states, num_actions
+    SA = S * A
+    sa = s * A + a
+    env = jnp.broadcast_to(jnp.arange(n)[None, :], (h, n))
+    times = jnp.broadcast_to(jnp.arange(h)[:, None], (h, n))
+    eligible = (first > 0) & (times < max(1, h // 2))
+    first_time = jax.ops.segment_min(jnp.where(eligible, times, h).reshape(-1),
+                                     (env * SA + sa).reshape(-1), num_segments=n * SA)
+    first_visit = (eligible & (times == first_time.reshape(n, SA)[env, sa])).astype(first.dtype)
+    v_i = _scatter((n, SA), (env, sa), first_visit)                        # [N, SA] 0 / 1
+    g_i = _scatter((n, SA), (env, sa), first_visit * g_bar)
+    others = v_i.sum(0)[None, :] - v_i
+    covered = (others > 0).reshape(n, S, A)
+    q_others = ((g_i.sum(0)[None, :] - g_i) / jnp.maximum(others, 1.0)).reshape(n, S, A)
+    # Pooled per-(s, a) means (every visit of every environment): the fallback where no other
+    # environment saw (s, a), and the critic of the branches' doubly robust sums.
+    n_sa = _scatter((S, A), (s, a), first)
+    q_sum = _scatter((S, A), (s, a), first * g_bar)
+    state_mean = q_sum.sum(-1) / jnp.maximum(n_sa.sum(-1), 1.0)
+    q_pool = jnp.where(n_sa > 0, q_sum / jnp.maximum(n_sa, 1.0), state_mean[:, None])
+    q_hat = jnp.where(covered, q_others, q_pool[None])                       # [N, S, A]
+    return {"covered": covered, "q_hat": q_hat, "q_pool": q_pool, "v_i": v_i, "g_i": g_i}
+
+
+def _loo_follower_alpha(s, first, done, coeff, gamma, num_states):
+    """Cotangents `alpha [H, N]` of the follower's per-step vector reward in
+    `sum_t c_t (D_t - b_{-i}(s_t))`, `D_t` the vector return within the episode and `b_{-i}(s)`
+    the mean of `D` over the *other* environments' visits of `s` (independent of the
+    environment whose steps it multiplies; it changes only the variance where
+    `E[c_t | s_t] = 0`). Also returns `ratio [N, S]` (environment i's `sum c / visits by the
+    others`, for the variance groups) and the recurrence's `carry [H, N]`."""
+    h, n = s.shape
+    env = jnp.broadcast_to(jnp.arange(n)[None, :], (h, n))
+    n_is = _scatter((n, num_states), (env, s), first)
+    c_is = _scatter((n, num_states), (env, s), coeff * first)
+    others = n_is.sum(0)[None, :] - n_is
+    ratio = jnp.where(others > 0, c_is / jnp.maximum(others, 1.0), 0.0)
+    beta = -first * (ratio.sum(0)[s] - ratio[env, s])
+    carry = jnp.concatenate([jnp.zeros_like(done[:1]), 1.0 - done[:-1]], axis=0)
+    alpha = _linear_recurrence(gamma * carry, coeff + beta)                 # D_t's cotangent
+    return alpha, ratio, carry
+
+
 def _critic_cotangents(ctx: _Context, key, num_envs, horizon, samples_per_trajectory,
                        groups=True):
     """Per-environment cotangent tables of the critic-corrected unbiased form, and the
@@ -399,31 +461,14 @@ def _critic_cotangents(ctx: _Context, key, num_envs, horizon, samples_per_trajec
     rbar_t = ctx.rbar[s, a]
     g_bar = _leader_returns(rbar_t * first, done, gbar)                     # Gbar_t, [H, N]
 
-    # The leader's critic, per environment i: the mean over the *other* environments of the
-    # return Gbar from their first visit of (s, a) (at t < h / 2, so the window cuts it by at
-    # most gammabar^(h / 2)). The environments visiting (s, a) are decided before their first
-    # visit, so it is an unbiased estimate of Qbar(s, a), independent of environment i.
-    SA = S * A
-    sa = s * A + a
+    # The leader's critic, per environment i (`_loo_leader_critic`): the mean over the *other*
+    # environments of the return Gbar from their first visit of (s, a) (at t < h / 2), with
+    # the pooled per-(s, a) means where no other environment saw (s, a).
     env = jnp.broadcast_to(jnp.arange(n)[None, :], (h, n))
-    times = jnp.broadcast_to(jnp.arange(h)[:, None], (h, n))
-    eligible = (first > 0) & (times < max(1, h // 2))
-    first_time = jax.ops.segment_min(jnp.where(eligible, times, h).reshape(-1),
-                                     (env * SA + sa).reshape(-1), num_segments=n * SA)
-    first_visit = (eligible & (times == first_time.reshape(n, SA)[env, sa])).astype(dtype)
-    v_i = _scatter((n, SA), (env, sa), first_visit)                        # [N, SA] 0 / 1
-    g_i = _scatter((n, SA), (env, sa), first_visit * g_bar)
-    others = v_i.sum(0)[None, :] - v_i
-    covered = (others > 0).reshape(n, S, A)
-    q_others = ((g_i.sum(0)[None, :] - g_i) / jnp.maximum(others, 1.0)).reshape(n, S, A)
-    # Pooled per-(s, a) means (every visit of every environment): the fallback where no other
-    # environment saw (s, a), and the critic of the branches' doubly robust sums.
-    n_sa = _scatter((S, A), (s, a), first)
-    q_sum = _scatter((S, A), (s, a), first * g_bar)
-    state_mean = q_sum.sum(-1) / jnp.maximum(n_sa.sum(-1), 1.0)
-    q_pool = jnp.where(n_sa > 0, q_sum / jnp.maximum(n_sa, 1.0), state_mean[:, None])
+    critic = _loo_leader_critic(s, a, first, g_bar, S, A)
+    covered, v_i, g_i, q_hat = critic["covered"], critic["v_i"], critic["g_i"], critic["q_hat"]
+    q_pool = critic["q_pool"]
     v_pool = jnp.sum(ctx.policy * q_pool, -1)
-    q_hat = jnp.where(covered, q_others, q_pool[None])                       # [N, S, A]
     adv_hat = q_hat - jnp.sum(ctx.policy[None] * q_hat, -1, keepdims=True)
     coeff = w * adv_hat[env, s, a]                                          # Term 1
 
@@ -459,14 +504,7 @@ def _critic_cotangents(ctx: _Context, key, num_envs, horizon, samples_per_trajec
 
     # Follower baseline: leave-one-environment-out means of D over the visits of each state
     # (independent of the environment whose steps it multiplies).
-    n_is = _scatter((n, S), (env, s), first)
-    c_is = _scatter((n, S), (env, s), coeff * first)
-    others = n_is.sum(0)[None, :] - n_is
-    ratio = jnp.where(others > 0, c_is / jnp.maximum(others, 1.0), 0.0)
-    beta = -first * (ratio.sum(0)[s] - ratio[env, s])
-    carry = jnp.concatenate([jnp.zeros_like(done[:1]), 1.0 - done[:-1]], axis=0)
-    alpha = _linear_recurrence(gamma * carry, coeff + beta)                 # D_t's cotangent
-
+    alpha, ratio, carry = _loo_follower_alpha(s, first, done, coeff, gamma, S)
 
     # Per-group tables (G groups of environments; they sum to the estimate) for the variance
     # estimate. Each environment's steps go to its group, and so does its influence as a
@@ -476,7 +514,7 @@ def _critic_cotangents(ctx: _Context, key, num_envs, horizon, samples_per_trajec
     group = jnp.broadcast_to((jnp.arange(n) % num_groups)[None, :], (h, n))
     denom = v_i.sum(0)
     q_first = g_i.sum(0) / jnp.maximum(denom, 1.0)
-    kappa = _scatter((num_groups, SA), (jnp.arange(n) % num_groups,),
+    kappa = _scatter((num_groups, S * A), (jnp.arange(n) % num_groups,),
                      v_i * (g_i - v_i * q_first) / jnp.maximum(denom, 1.0)).reshape(
                          num_groups, S, A)
     if num_groups > 1:
@@ -558,9 +596,12 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
         large `x`, at a higher variance and the window's cut of `D_t` left uncorrected).
       score_terms (simulator): add the `d_x log p_x` terms (None: when the problem has
         `transition_log_prob`).
-      unbiased_form (`unbiased=True`): `"critic"` (tabular default; see below) or `"plain"`
-        (one geometric `(s, a)` per environment and independent rollouts; the simulator's
-        default and only form: its branching form with common random numbers).
+      unbiased_form (`unbiased=True`): `"critic"` (see below) or `"plain"` (one geometric
+        `(s, a)` per environment and independent rollouts; on a simulator its branching form
+        with common random numbers). None: `"critic"` on tabular problems and on simulators
+        with discrete observations (`Discrete(S)` or one-hot `Box(0, 1, (S,))` observation
+        spaces, as `bj.sim.as_simulator` gives; `sample_hpgd._critic_weights`), `"plain"` on
+        other simulators, where `"critic"` is refused.
 
     Normalization of the paper variant (`unbiased=False`): the mean over episodes of
     `sum_tau gammabar^tau h(s_tau, a_tau)` is taken time by time, each `tau` over the `n_tau`
@@ -637,7 +678,7 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
                       contexts=contexts, estimate_variance=estimate_variance,
                       score_terms=score_terms, follower_baseline=follower_baseline,
                       critic_lambda=critic_lambda,
-                      unbiased_form=unbiased_form or "plain")
+                      unbiased_form=unbiased_form)
 
     @functools.cache
     def simulator_fns():

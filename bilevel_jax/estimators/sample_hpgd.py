@@ -44,6 +44,33 @@ Two sample forms of the response term `(1/lam) E[ sum_t gammabar^tau_t Abar(s_t,
   (`E[(Q(a) - Q(a'))(dQ(a) - dQ(a'))] = 2 Cov_pi(Q, dQ)`), so the estimate is unbiased up to
   the cut `gamma^horizon`, and the paired differences cancel most of the branch noise.
 
+* `unbiased=True, unbiased_form="critic"` (`_critic_weights`; the default, `None`, picks it
+  where the observations are discrete, see `_discrete_states`: an observation space
+  `Discrete(S)`, the state index itself, or a one-hot `Box(0, 1, (S,))`, its argmax;
+  `bj.sim.as_simulator` gives both; elsewhere `None` is "plain" and "critic" is refused): the
+  tabular critic form of `bilevel_jax.estimators.hpgd` (its helpers `_loo_leader_critic`,
+  `_loo_follower_alpha`, `_truncated_geometric`, `_roulette_lengths`, `_doubly_robust_sum`) on
+  the first episodes of `num_envs` environments (seen for `horizon` steps), with the state
+  index from the observation and the joint action index:
+
+      g = sum_t w_t [ d_x rbar_t + psi_t (Gbar_t - rbar_t) ] + (1/lam) sum_t c_t (D_t - b_{-i}(s_t)),
+      w_t = gammabar^t / N,   c_t = w_t Ahat_{-i}(s_t, a_t) + (branch correction)
+
+  `Ahat_{-i} = Qhat_{-i} - pi . Qhat_{-i}`, `Qhat_{-i}(s, a)` the mean leader return from the
+  *other* environments' first visits of `(s, a)` (at `t < horizon / 2`): unbiased for
+  `Qbar(s, a)` and independent of environment `i`; `b_{-i}(s)` the other environments' mean
+  `D` at `s` (variance only). Where no other environment saw `(s, a)` the pooled mean stands
+  in, corrected by `samples_per_trajectory` draws per environment from its episode's
+  visitation, `a' ~ pi`, two leader branches (`(s, a)`, `(s, a')`, common random numbers,
+  `horizon / 2` steps, from the saved env state) summing the pooled critic's TD errors up to
+  a Russian-roulette length. The follower's `D_t` score part is `psi_t` times its soft TD
+  error (as below). Unbiased up to `gammabar^(horizon / 2)`; time limits end episodes (the
+  follower's returns too: a bias where they cut). `info["samples"]` counts the transitions
+  read (first episodes, the branch steps used where a branch is needed), `info["simulated"]`
+  the transitions simulated (`N horizon + 2 N samples_per_trajectory horizon / 2`). The
+  variance estimate (`estimate_variance`) is the spread of the per-environment terms, which
+  are not independent (each environment is also the others' critic): indicative only.
+
 Score terms (`problem.transition_log_prob` given and `score_terms` not False), with
 `psi_t = d_x log p_x(s_{t+1} | s_t, a_t)` and baselines of `(s_t, a_t)` (unbiased, since
 `E[psi_t | s_t, a_t] = 0`): the follower's `D` gains `gamma psi_t V*(s_{t+1})`, taken as
@@ -69,14 +96,20 @@ from typing import Any, NamedTuple, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from bilevel_jax.errors import InvalidArgumentError
+from bilevel_jax.estimators.hpgd import (_doubly_robust_sum, _leader_returns, _loo_follower_alpha,
+                                         _loo_leader_critic, _roulette_lengths,
+                                         _truncated_geometric)
 from bilevel_jax.learners.base import Learner, follow
 from bilevel_jax.learners.networks import ValueNet
 from bilevel_jax.problem import map_contexts
+from gymnax.environments import spaces as gym_spaces
+
 from bilevel_jax.sim import spaces
 from bilevel_jax.sim.problem import Step
 from bilevel_jax.sim.rollout import (RolloutCarry, discounted_returns, env_step, rollout,
@@ -101,7 +134,7 @@ class SampleConfig(NamedTuple):
     score_terms: bool | None
     follower_baseline: bool = True
     critic_lambda: float = 0.8
-    unbiased_form: str = "plain"
+    unbiased_form: str | None = "plain"     # None: "critic" where observations are discrete
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,6 +496,111 @@ def _branching_weights(problem, x, context, world: _World, key, cfg: SampleConfi
     return steps, weights, samples
 
 
+def _discrete_states(problem, params):
+    """`(num_states, obs -> state index)` of a simulator whose observations are discrete, or
+    None: an observation space `Discrete(S)` (an integer observation, `as_simulator(...,
+    observation="index")`) or a 1-D `Box(0, 1, (S,))` (read as one-hot, its argmax:
+    `as_simulator`'s default `observation="one_hot"`). The number of states is the space's."""
+    space = problem.env.observation_space(params)
+    if isinstance(space, gym_spaces.Discrete):
+        return int(space.n), lambda obs: jnp.asarray(obs, jnp.int32)
+    if isinstance(space, gym_spaces.Box) and len(tuple(space.shape)) == 1:
+        try:
+            bounds = bool(np.all(np.asarray(space.low) == 0) and np.all(np.asarray(space.high) == 1))
+        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+            bounds = False
+        if bounds:
+            return int(space.shape[0]), lambda obs: jnp.argmax(obs, axis=-1).astype(jnp.int32)
+    return None
+
+
+def _unbiased_form(cfg: SampleConfig, problem, params) -> str:
+    """The branching form to run: `cfg.unbiased_form`, or (None) `"critic"` where the
+    observations are discrete (`_discrete_states`) and `"plain"` elsewhere."""
+    discrete = _discrete_states(problem, params) is not None
+    if cfg.unbiased_form is None:
+        return "critic" if discrete else "plain"
+    if cfg.unbiased_form == "critic" and not discrete:
+        raise InvalidArgumentError(
+            "unbiased_form: 'critic' needs discrete observations (its leave-one-out tables are "
+            "per state): an observation space Discrete(S) or a one-hot Box(0, 1, (S,)), got "
+            f"observation_space {problem.env.observation_space(params)!r}; use 'plain'")
+    return cfg.unbiased_form
+
+
+def _critic_weights(problem, x, context, world: _World, key, cfg: SampleConfig, horizon: int,
+                    states):
+    """The critic form on a discrete-observation simulator (`hpgd`'s `unbiased_form="critic"`,
+    with the tabular form's leave-one-out critics `_loo_leader_critic`, `_loo_follower_alpha`):
+    steps and weights `[N, H]` of the main rollout, the transitions read and simulated."""
+    num_states, state_index = states
+    n, m, h = cfg.num_envs, cfg.samples_per_trajectory, horizon
+    hb = max(2, h // 2)                                    # branch length (as the critic's cut)
+    k_main, k_tau, k_alt, k_branch, k_len = jax.random.split(key, 5)
+    traj = rollout(k_main, problem, x, context, world.policy, n, h, keep_states=True)
+    steps = traj.steps()
+    rbar = traj.leader_reward
+    dtype = rbar.dtype
+    gbar, gamma = jnp.asarray(world.gamma_bar, dtype), jnp.asarray(world.gamma, dtype)
+    first = _first_episode(traj.done).astype(dtype)                         # [H, N]
+    done = traj.done.astype(dtype)
+    keep = 1.0 - traj.terminated.astype(dtype)
+    w = first * (gbar ** jnp.arange(h, dtype=dtype))[:, None] / n           # visitation weights
+    g_bar = _leader_returns(rbar * first, done, gbar)                       # Gbar_t, [H, N]
+    s = state_index(traj.obs)                                               # [H, N]
+    a = _joint_index(traj.action, world.heads, world.factorized)
+    probs = _map2(lambda o: _joint_probs(world.policy(o)), traj.obs)       # [H, N, A]
+    num_actions = probs.shape[-1]
+
+    critic = _loo_leader_critic(s, a, first, g_bar, num_states, num_actions)
+    covered, q_pool = critic["covered"], critic["q_pool"]
+    env = jnp.broadcast_to(jnp.arange(n)[None, :], (h, n))
+    q_rows = critic["q_hat"][env, s]                                        # [H, N, A]
+    q_sa = jnp.take_along_axis(q_rows, a[..., None], axis=-1)[..., 0]
+    coeff = w * (q_sa - jnp.sum(probs * q_rows, -1))                        # w Ahat_{-i}
+
+    # Correction where no other environment saw (s, a): m steps per environment from its first
+    # episode's visitation, leader branches from the saved env state with (s, a) and (s, a'),
+    # a' ~ pi, common random numbers, doubly robust sums of the pooled critic's TD errors.
+    lengths = first.sum(0)                                                   # [N] >= 1
+    tau, z = _truncated_geometric(k_tau, (m, n), gbar, lengths[None, :], dtype)
+    cols = jnp.broadcast_to(jnp.arange(n)[None, :], (m, n))
+    pick = lambda leaf: leaf[tau, cols].reshape((m * n,) + leaf.shape[2:])  # noqa: E731
+    start = RolloutCarry(env_state=jax.tree_util.tree_map(pick, traj.state),
+                         obs=jax.tree_util.tree_map(pick, traj.obs), time=pick(traj.time))
+    s_j, env_j, a_j = pick(s), cols.reshape(-1), pick(traj.action)
+    a_alt = spaces.sample(k_alt, jax.vmap(world.policy)(start.obs)).astype(a_j.dtype)
+    actions = jnp.stack([a_j, a_alt])                                       # [2, B(, D)]
+    stop = _roulette_lengths(k_len, s_j.shape, gbar, hb)
+    b_steps, _, b_rbar = jax.vmap(
+        lambda act: _branch(problem, x, context, world, k_branch, start, act, hb))(actions)
+    alive = jax.vmap(_first_episode)(b_steps.done).astype(dtype)             # [2, Hb, B]
+    b_s, b_next = state_index(b_steps.obs), state_index(b_steps.next_obs)
+    b_a = _joint_index(b_steps.action, world.heads, world.factorized)
+    b_probs = jax.vmap(_map2, (None, 0))(lambda o: _joint_probs(world.policy(o)),
+                                         b_steps.next_obs)                  # [2, Hb, B, A]
+    v_next = jnp.sum(b_probs * q_pool[b_next], -1)
+    # Episodes end at `done` (time limits included, as the critic's returns do).
+    delta = (b_rbar + gbar * (1.0 - b_steps.done.astype(dtype)) * v_next - q_pool[b_s, b_a])
+    first_a = jnp.stack([pick(a), _joint_index(a_alt, world.heads, world.factorized)])
+    need = (~covered[env_j[None], s_j[None], first_a]).astype(dtype)        # [2, B]
+    total, used = jax.vmap(_doubly_robust_sum, (0, 0, None))(delta, alive, stop)
+    u = jnp.broadcast_to(z / (n * m), (m, n)).reshape(-1)
+    coeff = coeff.at[tau.reshape(-1), env_j].add(u * need[0] * total[0] - u * need[1] * total[1])
+    coeff = coeff / world.lam
+
+    alpha, _, _ = _loo_follower_alpha(s, first, done, coeff, gamma, num_states)
+    weights = {"follower": alpha, "leader": w}
+    if world.score:
+        # psi_t times the follower's soft TD error (its (s, a) baseline) and the leader's
+        # gammabar Gbar_{t+1} = Gbar_t - rbar_t along the episode.
+        follower_td = _follower_td(world, steps, traj.follower_reward)
+        weights["score"] = alpha * follower_td + w * keep * (g_bar - rbar)
+    read = jnp.sum(first) + jnp.sum(need * used)
+    simulated = n * h + 2 * n * m * hb
+    return _swap(steps), _swap(weights), read, simulated
+
+
 # ---------------------------------------------------------------------------------------------
 # The estimator.
 
@@ -513,53 +651,57 @@ def sample_hpgd(learner: Learner, cfg: SampleConfig):
 
         def per_context(context, cstate, k):
             k_learn, k_est = jax.random.split(k)
-            lstate, linfo = follow(learner, problem, x, context, cstate["learner"], k_learn)
             params = problem.env_params(x, context)
+            form = _unbiased_form(cfg, problem, params) if cfg.unbiased else None
+            lstate, linfo = follow(learner, problem, x, context, cstate["learner"], k_learn)
             world = _World(params=params, lam=lam, gamma=problem.follower_discount(x, context),
                            gamma_bar=gamma_bar, heads=problem.action_heads(params),
                            factorized=problem.is_factorized(params),
                            policy=lambda obs: learner.policy(lstate, obs),
                            value=lambda obs: learner.value(lstate, obs), score=score)
             new_state = {"learner": lstate}
-            if cfg.unbiased:
+            extra, critic_loss = None, jnp.asarray(jnp.nan, jnp.float32)
+            if form == "critic":
+                steps, weights, samples, simulated = _critic_weights(
+                    problem, x, context, world, k_est, cfg, horizon,
+                    _discrete_states(problem, params))
+            elif form == "plain":
                 steps, weights, samples = _branching_weights(problem, x, context, world, k_est,
                                                              cfg, horizon)
-                extra, critic_loss = None, jnp.asarray(jnp.nan, jnp.float32)
+                simulated = samples
             else:
                 steps, weights, extra, critic, critic_loss, samples = _single_batch_weights(
                     problem, x, context, world, cstate["critic"], k_est, cfg)
                 new_state["critic"] = critic
+                simulated = samples
             grad, variance = _assemble(problem, x, context, steps, weights,
                                        cfg.estimate_variance, extra)
             info = {"learner_loss": jnp.asarray(linfo["loss"], jnp.float32),
                     "learner_finite": jnp.asarray(linfo["finite"], bool),
                     "critic_loss": jnp.asarray(critic_loss, jnp.float32)}
-            return grad, variance, new_state, info, samples
+            counts = (jnp.asarray(samples, jnp.int32), jnp.asarray(simulated, jnp.int32))
+            return grad, variance, new_state, info, counts
 
         if cfg.contexts == "sample" or problem.num_contexts == 1:
             k_ctx, k_est = jax.random.split(key)
             index, context = problem.draw_context(k_ctx)
             cstate = jax.tree_util.tree_map(lambda leaf: leaf[index], state)
-            grad, variance, new_c, info, samples = per_context(context, cstate, k_est)
+            grad, variance, new_c, info, (samples, simulated) = per_context(context, cstate,
+                                                                            k_est)
             state = jax.tree_util.tree_map(lambda leaf, new: leaf.at[index].set(new), state, new_c)
         else:
             keys = jax.random.split(key, problem.num_contexts)
-            per = {}
-
-            def one(context, cstate, k):
-                grad, variance, new_c, info, samples = per_context(context, cstate, k)
-                per["samples"] = samples
-                return grad, variance, new_c, info
-
-            grads, variances, state, infos = map_contexts(one, problem, state, keys)
+            grads, variances, state, infos, counts = map_contexts(per_context, problem, state,
+                                                                  keys)
             probs = problem.probs().astype(grads.dtype)
             grad, variance = probs @ grads, (probs ** 2) @ variances
             info = {"learner_loss": jnp.mean(infos["learner_loss"]),
                     "learner_finite": jnp.all(infos["learner_finite"]),
                     "critic_loss": jnp.mean(infos["critic_loss"])}
-            samples = problem.num_contexts * per["samples"]
+            samples, simulated = jnp.sum(counts[0]), jnp.sum(counts[1])
         _, unravel = ravel_pytree(x)
-        info = dict(info, samples=jnp.asarray(samples), variance=unravel(variance))
+        info = dict(info, samples=jnp.asarray(samples), simulated=jnp.asarray(simulated),
+                    variance=unravel(variance))
         return unravel(grad), state, info
 
     return init, update
@@ -581,10 +723,10 @@ def check_sample_options(cfg: SampleConfig) -> None:
     if not (isinstance(cfg.critic_lambda, (int, float)) and 0 < cfg.critic_lambda <= 1):
         raise InvalidArgumentError(
             f"critic_lambda: expected a number in (0, 1], got {cfg.critic_lambda!r}")
-    if cfg.unbiased_form != "plain":
+    if cfg.unbiased_form not in (None, "critic", "plain"):
         raise InvalidArgumentError(
-            "unbiased_form: the simulator's unbiased HPGD has only the 'plain' branching form "
-            f"(the critic form needs a tabular leave-one-out critic), got {cfg.unbiased_form!r}")
+            "unbiased_form: expected None, 'critic' (discrete observations) or 'plain', got "
+            f"{cfg.unbiased_form!r}")
     if cfg.score_terms not in (None, True, False):
         raise InvalidArgumentError(
             f"score_terms: expected None, True or False, got {cfg.score_terms!r}")
