@@ -206,8 +206,7 @@ def test_yaml_refusals_and_listing(tmp_path, capsys):
             (["algorithm.penalty=bellman"], "algorithm.penalty: problem 'simulator_random' is"),
             (["algorithm.learner=no_such"], "algorithm.learner: expected one of"),
             (["algorithm.learner_options={bogus: 1}"], "algorithm.learner_options: "),
-            (["algorithm.policy_hidden=[0]"], "algorithm.policy_hidden[0]: expected an int >= 1"),
-            (["algorithm.track_objective=true"], "algorithm.track_objective: ")]:
+            (["algorithm.policy_hidden=[0]"], "algorithm.policy_hidden[0]: expected an int >= 1")]:
         out = tmp_path / "refused"
         argv = ["run", CONFIG, *[a for s in overrides for a in ("--set", s)], "--out", str(out)]
         assert cli.main(argv) == 2

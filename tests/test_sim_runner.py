@@ -114,7 +114,8 @@ def test_python_train_on_a_simulator_reports_no_exact_objective():
     tabular, x0 = random_bilevel_problem(0, num_states=5, num_actions=3, temperature=0.5)
     simulator = bj.as_simulator(tabular).replace(reference=None)
     result = bj.train(simulator, "hpgd", optax.sgd(0.1), 3, jax.random.key(0),
-                      x0=x0, chunk_size=3, learner="soft_q_tabular", num_envs=8, num_steps=32)
+                      x0=x0, chunk_size=3, learner="soft_q_tabular", num_envs=8, num_steps=32,
+                      learner_options={"num_envs": 4, "num_updates": 50})
     assert np.all(np.isnan(result.metrics["objective"]))
     assert np.all(np.isfinite(result.metrics["grad_norm"]))
     assert not np.allclose(np.asarray(result.state["x"]), np.asarray(x0))
