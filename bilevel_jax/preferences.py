@@ -198,6 +198,21 @@ def _check_int(name: str, value, low: int) -> int:
     return int(value)
 
 
+def check_protocol(initial_pairs, warmup_epochs, pairs_per_epoch, heldout_pairs, buffer_size):
+    """The data protocol's counts as ints, refused (naming the field) when out of range or when
+    a push would not fit the buffer."""
+    counts = (_check_int("initial_pairs", initial_pairs, 0),
+              _check_int("warmup_epochs", warmup_epochs, 0),
+              _check_int("pairs_per_epoch", pairs_per_epoch, 1),
+              _check_int("heldout_pairs", heldout_pairs, 1),
+              _check_int("buffer_size", buffer_size, 1))
+    for name, value in (("initial_pairs", counts[0]), ("pairs_per_epoch", counts[2])):
+        if value > counts[4]:
+            raise InvalidArgumentError(
+                f"buffer_size: expected an int >= {name} ({value}), got {counts[4]}")
+    return counts
+
+
 def check_noise(noise) -> None:
     """Raises `InvalidArgumentError` for a concrete annotator noise that is not a finite `>= 0`."""
     try:
@@ -246,15 +261,8 @@ def rlhf_problem(env: PreferenceEnv, reward_model: RewardModel | Callable, *,
         raise InvalidArgumentError(str(err)) from None
     check_noise(noise)
     horizon = _check_int("horizon", horizon, 1)
-    initial_pairs = _check_int("initial_pairs", initial_pairs, 0)
-    warmup_epochs = _check_int("warmup_epochs", warmup_epochs, 0)
-    pairs_per_epoch = _check_int("pairs_per_epoch", pairs_per_epoch, 1)
-    heldout_pairs = _check_int("heldout_pairs", heldout_pairs, 1)
-    buffer_size = _check_int("buffer_size", buffer_size, 1)
-    for name, value in (("initial_pairs", initial_pairs), ("pairs_per_epoch", pairs_per_epoch)):
-        if value > buffer_size:
-            raise InvalidArgumentError(
-                f"buffer_size: expected an int >= {name} ({value}), got {buffer_size}")
+    initial_pairs, warmup_epochs, pairs_per_epoch, heldout_pairs, buffer_size = check_protocol(
+        initial_pairs, warmup_epochs, pairs_per_epoch, heldout_pairs, buffer_size)
     apply = reward_model.apply if isinstance(reward_model, RewardModel) else reward_model
     if not callable(apply):
         raise InvalidArgumentError(
@@ -711,6 +719,7 @@ __all__ = [
     "bradley_terry_nll",
     "buffer_in_order",
     "check_noise",
+    "check_protocol",
     "check_params",
     "empty_buffer",
     "enumerate_trajectories",

@@ -57,7 +57,7 @@ from bilevel_jax.algorithms.sample_pbrl import (SamplePBRLConfig, check_sample_o
                                                 init_follower, policy_net)
 from bilevel_jax.errors import InvalidArgumentError
 from bilevel_jax.learners.base import Learner, follow
-from bilevel_jax.preferences import BASELINES, RewardModel, check_noise
+from bilevel_jax.preferences import BASELINES, RewardModel, check_noise, check_protocol
 from bilevel_jax.preferences_sim import (SegmentPairs, annotate, bradley_terry_nll,
                                          check_reward_model, check_segment_length, empty_buffer,
                                          episodic_returns, preference_accuracy,
@@ -151,15 +151,8 @@ def rlhf_sim_problem(base, reward_model, *, env_params=None, base_x=None, temper
     num_envs = _int("num_envs", num_envs, 1)
     num_steps = _int("num_steps", num_steps, 1)
     segment_length = check_segment_length(segment_length, num_steps)
-    initial_pairs = _int("initial_pairs", initial_pairs, 0)
-    warmup_epochs = _int("warmup_epochs", warmup_epochs, 0)
-    pairs_per_epoch = _int("pairs_per_epoch", pairs_per_epoch, 1)
-    heldout_pairs = _int("heldout_pairs", heldout_pairs, 1)
-    buffer_size = _int("buffer_size", buffer_size, 1)
-    for name, value in (("initial_pairs", initial_pairs), ("pairs_per_epoch", pairs_per_epoch)):
-        if value > buffer_size:
-            raise InvalidArgumentError(
-                f"buffer_size: expected an int >= {name} ({value}), got {buffer_size}")
+    initial_pairs, warmup_epochs, pairs_per_epoch, heldout_pairs, buffer_size = check_protocol(
+        initial_pairs, warmup_epochs, pairs_per_epoch, heldout_pairs, buffer_size)
     apply = reward_model.apply if isinstance(reward_model, RewardModel) else reward_model
     if not callable(apply):
         raise InvalidArgumentError(
