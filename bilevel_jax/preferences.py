@@ -524,7 +524,11 @@ def preference_accuracy(reward: Array, pairs: TrajectoryPairs, true_gaps: Array)
 
     A tie of the model's returns counts 1/2 (chance). NaN when every true gap is 0.
     """
-    returns = trajectory_returns(reward, pairs)
+    return accuracy_of_returns(trajectory_returns(reward, pairs), true_gaps)
+
+
+def accuracy_of_returns(returns: Array, true_gaps: Array) -> Array:
+    """`preference_accuracy` from the model's returns `[M, 2]` of the pairs' two members."""
     d = returns[:, 0] - returns[:, 1]
     decided = true_gaps != 0
     score = jnp.where(d * true_gaps > 0, 1.0, jnp.where(d == 0, 0.5, 0.0))
@@ -715,6 +719,7 @@ __all__ = [
     "RLHFProblem",
     "RewardModel",
     "TrajectoryPairs",
+    "accuracy_of_returns",
     "annotate",
     "bradley_terry_nll",
     "buffer_in_order",

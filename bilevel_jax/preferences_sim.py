@@ -45,8 +45,8 @@ import numpy as np
 from flax import struct
 
 from bilevel_jax.errors import InvalidArgumentError
-from bilevel_jax.preferences import (BASELINES, PairBuffer, RewardModel, check_noise,
-                                     preference_probability, score_weights)
+from bilevel_jax.preferences import (BASELINES, PairBuffer, RewardModel, accuracy_of_returns,
+                                     check_noise, preference_probability, score_weights)
 from bilevel_jax.sim import spaces
 
 Array = jax.Array
@@ -99,8 +99,11 @@ def mlp_reward_model(obs_shape: Sequence[int], num_actions: int, hidden=(64, 64)
                 h = jnp.tanh(nn.Dense(width, dtype=dtype, param_dtype=dtype)(h))
             return nn.Dense(num_actions, dtype=dtype, param_dtype=dtype)(h)
 
-    module = RewardMLP()
+    return _module_reward_model(RewardMLP(), obs_shape, dtype)
 
+
+def _module_reward_model(module, obs_shape: tuple, dtype) -> RewardModel:
+    """A linen module `obs -> [A]` as `RewardModel(init, apply(params, obs, action))`."""
     def init(key):
         return module.init(key, jnp.zeros(obs_shape, dtype))
 
@@ -138,15 +141,7 @@ def cnn_reward_model(obs_shape: Sequence[int], num_actions: int, channels=(16,),
                 h = nn.relu(nn.Dense(width, dtype=dtype, param_dtype=dtype)(h))
             return nn.Dense(num_actions, dtype=dtype, param_dtype=dtype)(h)
 
-    module = RewardCNN()
-
-    def init(key):
-        return module.init(key, jnp.zeros(obs_shape, dtype))
-
-    def apply(params, obs, action):
-        return _pick(module.apply(params, obs), action)
-
-    return RewardModel(init, apply)
+    return _module_reward_model(RewardCNN(), obs_shape, dtype)
 
 
 def check_reward_model(apply: Callable, params, obs, action) -> None:
@@ -318,13 +313,7 @@ def bradley_terry_nll(apply: Callable, params, pairs: SegmentPairs, labels: Arra
 def preference_accuracy(apply: Callable, params, pairs: SegmentPairs, true_gaps: Array) -> Array:
     """Fraction of pairs with `true_gaps != 0` where the model orders the segments as the true
     return does (model ties count 1/2); NaN when every true gap is 0."""
-    r = segment_returns(apply, params, pairs)
-    d = r[:, 0] - r[:, 1]
-    decided = true_gaps != 0
-    score = jnp.where(d * true_gaps > 0, 1.0, jnp.where(d == 0, 0.5, 0.0))
-    total = jnp.sum(decided)
-    return jnp.where(total > 0, jnp.sum(jnp.where(decided, score, 0.0)) / jnp.maximum(total, 1),
-                     jnp.nan)
+    return accuracy_of_returns(segment_returns(apply, params, pairs), true_gaps)
 
 
 def score_surrogate(policy_apply: Callable, policy_params, pairs: SegmentPairs,

@@ -67,3 +67,24 @@ def soft_optimal_kl(mdp: bj.TabularMDP, temperature: float, logits) -> float:
     log_pi = logits - logsumexp(logits)[:, None]
     kl = np.sum(pi_star * (np.log(pi_star) - log_pi), axis=-1)
     return float(np.dot(d_star, kl) / d_star.sum())
+
+
+def switchable_transitions_problem(seed: int = 0, **options):
+    """A random problem (x in the rewards and in the transitions' logits) whose context says
+    whether the transitions follow x or stay at x0: `(problem, x0, bj.as_simulator(problem))`.
+    The two cases of a test are then the same functions with different context arrays
+    (`contexts["x_in_transitions"]`), so each jitted batch compiles once for both."""
+    from bilevel_jax.envs.random_mdp import random_bilevel_problem
+
+    base, x0 = random_bilevel_problem(seed, num_contexts=1, transition_dependent=True, **options)
+
+    def follower(x, context):
+        mdp = base.follower(x, context)
+        fixed = base.follower(x0, context).transitions
+        return mdp.replace(transitions=jnp.where(context["x_in_transitions"], mdp.transitions,
+                                                 fixed))
+
+    problem = bj.BilevelProblem(follower=follower, leader_reward=base.leader_reward,
+                                leader_discount=base.leader_discount, temperature=base.temperature,
+                                contexts=dict(base.contexts, x_in_transitions=jnp.zeros(1, bool)))
+    return problem, x0, bj.sim.as_simulator(problem)

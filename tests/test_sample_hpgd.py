@@ -22,7 +22,7 @@ import pytest
 from gymnax.environments import spaces as gym_spaces
 
 import bilevel_jax as bj
-from bilevel_jax.envs.random_mdp import random_bilevel_problem
+from helpers import switchable_transitions_problem
 from bilevel_jax.estimators import sample_hpgd
 
 SE = 4.0            # tolerance in standard errors
@@ -33,26 +33,8 @@ def _keys(seed, n=NUM_ESTIMATES, impl="unsafe_rbg"):
     return jax.random.split(jax.random.key(seed, impl=impl), n)
 
 
-def _problems():
-    """A random problem (x in the rewards and the transitions' logits) whose context says
-    whether the transitions follow x or stay at x0: the two cases of the tests are the same
-    functions with different context arrays, so each jitted batch compiles once for both."""
-    base, x0 = random_bilevel_problem(0, num_states=5, num_actions=3, dim_x=3, num_contexts=1,
-                                      transition_dependent=True, temperature=0.5)
-
-    def follower(x, context):
-        mdp = base.follower(x, context)
-        fixed = base.follower(x0, context).transitions
-        return mdp.replace(transitions=jnp.where(context["x_in_transitions"], mdp.transitions,
-                                                 fixed))
-
-    problem = bj.BilevelProblem(follower=follower, leader_reward=base.leader_reward,
-                                leader_discount=base.leader_discount, temperature=base.temperature,
-                                contexts=dict(base.contexts, x_in_transitions=jnp.zeros(1, bool)))
-    return problem, x0, bj.sim.as_simulator(problem)
-
-
-_PROBLEM, _X, _SIMULATOR = _problems()
+_PROBLEM, _X, _SIMULATOR = switchable_transitions_problem(num_states=5, num_actions=3, dim_x=3,
+                                                          temperature=0.5)
 
 
 def _with_flag(tree, x_in_transitions: bool):

@@ -27,10 +27,10 @@ import bilevel_jax as bj
 from bilevel_jax import cli
 from bilevel_jax.algorithms import sample_pbrl
 from bilevel_jax.algorithms.pbrl import policy_objective, rho_schedule
-from bilevel_jax.envs.random_mdp import random_bilevel_problem
 from bilevel_jax.errors import InvalidArgumentError
 from bilevel_jax.learners import make_learner
 from bilevel_jax.problem import leader_objective
+from helpers import switchable_transitions_problem
 
 SE = 4.0
 NUM_ESTIMATES = 200
@@ -43,24 +43,9 @@ CFG = sample_pbrl.SamplePBRLConfig(num_envs=16, num_steps=40, policy_hidden=(),
 LEARNER = make_learner("soft_vi_tabular")
 
 
-def _problems():
-    base, x0 = random_bilevel_problem(0, num_states=S, num_actions=A, dim_x=3, num_contexts=1,
-                                      transition_dependent=True, temperature=0.5, discount=0.7,
-                                      leader_discount=0.7)
-
-    def follower(x, context):
-        mdp = base.follower(x, context)
-        fixed = base.follower(x0, context).transitions
-        return mdp.replace(transitions=jnp.where(context["x_in_transitions"], mdp.transitions,
-                                                 fixed))
-
-    problem = bj.BilevelProblem(follower=follower, leader_reward=base.leader_reward,
-                                leader_discount=base.leader_discount, temperature=base.temperature,
-                                contexts=dict(base.contexts, x_in_transitions=jnp.zeros(1, bool)))
-    return problem, x0, bj.sim.as_simulator(problem)
-
-
-_PROBLEM, _X, _SIMULATOR = _problems()
+_PROBLEM, _X, _SIMULATOR = switchable_transitions_problem(num_states=S, num_actions=A, dim_x=3,
+                                                          temperature=0.5, discount=0.7,
+                                                          leader_discount=0.7)
 # Tabular logits away from pi* (a penalty of order 1) and the same policy as flax parameters.
 _Y = jnp.asarray(np.random.default_rng(1).normal(size=(1, S, A)))
 _POLICY = {"params": {"Dense_0": {"kernel": _Y.astype(jnp.float32),

@@ -41,6 +41,7 @@ import optax
 from bilevel_jax.algorithms.base import Algorithm, any_nonfinite, global_norm
 from bilevel_jax.algorithms.pbrl import PENALTIES, rho_schedule
 from bilevel_jax.core.soft_vi import soft_bellman_operator, soft_value_iteration
+from bilevel_jax.core.fitting import fit
 from bilevel_jax.errors import InvalidArgumentError
 from bilevel_jax.penalties import bellman_penalty, value_penalty
 from bilevel_jax.preferences import (
@@ -88,15 +89,7 @@ def fit_loss(loss, optimizer, x, opt_state, steps: int):
     """`steps` optimizer steps on `loss(x)` in one scan: `(x, opt_state, first grad norm)`."""
     if steps == 0:
         return x, opt_state, jnp.zeros((), jnp.float32)
-    grad_fn = jax.grad(loss)
-
-    def body(carry, _):
-        x, opt_state = carry
-        grads = grad_fn(x)
-        updates, opt_state = optimizer.update(grads, opt_state, x)
-        return (optax.apply_updates(x, updates), opt_state), global_norm(grads)
-
-    (x, opt_state), norms = jax.lax.scan(body, (x, opt_state), None, length=steps)
+    x, opt_state, _, norms = fit(loss, optimizer, x, opt_state, steps)
     return x, opt_state, norms[0]
 
 

@@ -85,6 +85,7 @@ import optax
 from jax import lax
 
 from bilevel_jax.algorithms.base import Algorithm, any_nonfinite, global_norm
+from bilevel_jax.core.fitting import fit
 from bilevel_jax.algorithms.pbrl import _check_sample_options
 from bilevel_jax.errors import InvalidArgumentError
 from bilevel_jax.estimators.sample_hpgd import (_World, _at_risk_weights, _concat_steps,
@@ -181,14 +182,8 @@ def _fit_baseline(net, opt, baseline, obs, targets, num_updates: int):
         out = jax.vmap(net.apply, (None, 0))(params, obs)
         return jnp.mean((out - targets) ** 2)
 
-    def body(carry, _):
-        params, opt_state = carry
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), loss
-
-    (params, opt_state), losses = lax.scan(body, (baseline["params"], baseline["opt"]), None,
-                                           length=num_updates)
+    params, opt_state, losses, _ = fit(loss_fn, opt, baseline["params"], baseline["opt"],
+                                       num_updates)
     return {"params": params, "opt": opt_state}, losses[-1]
 
 

@@ -101,6 +101,7 @@ import optax
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
+from bilevel_jax.core.fitting import fit
 from bilevel_jax.errors import InvalidArgumentError
 from bilevel_jax.estimators.hpgd import (_doubly_robust_sum, _leader_returns, _loo_follower_alpha,
                                          _loo_leader_critic, _roulette_lengths,
@@ -294,14 +295,8 @@ def _fit_critic(net, opt, critic, batch: dict, num_actions, num_updates):
             loss = loss + jnp.mean((out[:, num_actions:] - batch["d_target"]) ** 2)
         return loss
 
-    def body(carry, _):
-        params, opt_state = carry
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), loss
-
-    (params, opt_state), losses = lax.scan(body, (critic["params"], critic["opt"]), None,
-                                           length=num_updates)
+    params, opt_state, losses, _ = fit(loss_fn, opt, critic["params"], critic["opt"],
+                                       num_updates)
     return {"params": params, "opt": opt_state}, losses[-1]
 
 
