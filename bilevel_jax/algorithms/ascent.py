@@ -35,11 +35,15 @@ def hypergradient_ascent(estimator: Estimator | str, optimizer: optax.GradientTr
     start differs, the fixed point does not).
     """
     estimator = make_estimator(estimator, **estimator_options)
-    solve_for_objective = track_objective and not estimator.exact_objective
+
+    def solve_for_objective(problem) -> bool:
+        # An estimator's exact `info["objective"]` (zero-order's model values) is exact only on
+        # a tabular problem: on a simulator it is sampled, and the reference model decides.
+        return track_objective and (is_simulator(problem) or not estimator.exact_objective)
 
     def model(problem):
         """The tabular problem the exact `F` is solved on (None: no solve)."""
-        if not solve_for_objective:
+        if not solve_for_objective(problem):
             return None
         if is_simulator(problem):
             from bilevel_jax.sim.problem import reference_model  # noqa: PLC0415 - gymnax
