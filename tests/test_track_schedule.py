@@ -172,3 +172,14 @@ def test_config_refusals_and_cli_exit_2(tmp_path, capsys):
     assert cli.main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
     assert "track_every: expected an int >= 1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_zero_order_tracking_is_free_only_on_a_tabular_problem():
+    """Zero-order's model-valued objective is exact on a tabular problem (no untracked build
+    needed), sampled on a simulator: there the schedule skips the reference solve."""
+    from bilevel_jax.runner.run import tracking_is_free
+
+    zero_order = {"estimator": {"name": "zero_order"}, "track_every": 5}
+    assert tracking_is_free(resolve_config({**zero_order, "problem": {"name": "random"}}))
+    assert not tracking_is_free(resolve_config({**zero_order,
+                                                "problem": {"name": "simulator_random"}}))

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import optax
 
 from bilevel_jax.algorithms.base import Algorithm, any_nonfinite, global_norm
-from bilevel_jax.estimators.base import Estimator, is_simulator, make_estimator
+from bilevel_jax.estimators.base import (Estimator, is_simulator, make_estimator,
+                                         reports_exact_objective)
 from bilevel_jax.estimators.exact import objective_and_q, zero_q
 
 
@@ -37,9 +38,7 @@ def hypergradient_ascent(estimator: Estimator | str, optimizer: optax.GradientTr
     estimator = make_estimator(estimator, **estimator_options)
 
     def solve_for_objective(problem) -> bool:
-        # An estimator's exact `info["objective"]` (zero-order's model values) is exact only on
-        # a tabular problem: on a simulator it is sampled, and the reference model decides.
-        return track_objective and (is_simulator(problem) or not estimator.exact_objective)
+        return track_objective and not reports_exact_objective(estimator, is_simulator(problem))
 
     def model(problem):
         """The tabular problem the exact `F` is solved on (None: no solve)."""

@@ -28,7 +28,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from bilevel_jax.algorithms.ascent import hypergradient_ascent
 from bilevel_jax.algorithms.base import Algorithm
 from bilevel_jax.errors import BilevelJaxError, InvalidArgumentError
-from bilevel_jax.estimators.base import Estimator, check_problem_for, make_estimator
+from bilevel_jax.estimators.base import (Estimator, check_problem_for, is_simulator,
+                                         make_estimator, reports_exact_objective)
 
 
 class NonFiniteError(BilevelJaxError, FloatingPointError):
@@ -194,7 +195,8 @@ def train(problem, method: Estimator | Algorithm | str, optimizer: optax.Gradien
                                        "tracked iterations), got track_objective=False")
         algorithm = hypergradient_ascent(method, optimizer, track_objective=track_objective,
                                          **estimator_options)
-        if track_every is not None and untracked is None and not needs.exact_objective:
+        if (track_every is not None and untracked is None
+                and not reports_exact_objective(needs, is_simulator(problem))):
             # (an estimator whose objective is exact anyway reports it on every iteration)
             untracked = hypergradient_ascent(method, optimizer, track_objective=False,
                                              **estimator_options)

@@ -31,8 +31,9 @@ from bilevel_jax.problem import BilevelProblem, check_problem, validate_values
 class Estimator(NamedTuple):
     """`init(problem, x) -> state`; `update(problem, x, state, key) -> (grad, state, info)`.
 
-    `exact_objective`: `info["objective"]` is the exact `F(x)` (followers solved to the default
-    tolerance), so a training loop that reports `F` need not solve again.
+    `exact_objective`: on a tabular problem, `info["objective"]` is the exact `F(x)` (followers
+    solved to the default tolerance), so a training loop that reports `F` need not solve again
+    (on a simulator problem it is sampled: `reports_exact_objective`).
     `simulator`: the estimator also accepts a `bj.SimulatorProblem` (it needs no model).
     """
 
@@ -51,6 +52,12 @@ def is_simulator(problem) -> bool:
     problem of that class exists only once the module is loaded)."""
     module = sys.modules.get("bilevel_jax.sim.problem")
     return module is not None and isinstance(problem, module.SimulatorProblem)
+
+
+def reports_exact_objective(estimator: Estimator, simulator: bool) -> bool:
+    """Whether `estimator`'s `info["objective"]` is the exact `F` on a problem that is a
+    simulator (`simulator=True`: never, its objective is sampled there) or tabular."""
+    return estimator.exact_objective and not simulator
 
 
 def check_problem_for(problem, x, estimator: Estimator, method: str = "this method") -> None:

@@ -123,15 +123,17 @@ def make_algorithm(config: dict, optimizer, traced: dict | None = None):
 
 def tracking_is_free(config: dict) -> bool:
     """True when the exact objective costs nothing extra (ascent with an estimator whose own
-    objective is exact: `exact`, zero-order with model values): a tracking schedule then has
-    no untracked build and every iteration reports `F`."""
+    objective is exact: `exact`, zero-order with model values, on a tabular problem): a
+    tracking schedule then has no untracked build and every iteration reports `F`."""
     from bilevel_jax.estimators import make_estimator
+    from bilevel_jax.estimators.base import reports_exact_objective
 
-    if (config["algorithm"]["name"] != "ascent"
-            or problem_spec(config["problem"]["name"]).make_algorithm is not None):
+    spec = problem_spec(config["problem"]["name"])
+    if config["algorithm"]["name"] != "ascent" or spec.make_algorithm is not None:
         return False
     name = config["estimator"]["name"]
-    return make_estimator(name, **config["estimator"][name]).exact_objective
+    return reports_exact_objective(make_estimator(name, **config["estimator"][name]),
+                                   spec.simulator)
 
 
 def make_untracked_algorithm(config: dict, optimizer, traced: dict | None = None):
