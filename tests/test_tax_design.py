@@ -318,3 +318,56 @@ def test_twin_leader_value_matches_the_continuous_economy(twin):
 
     value, mc, se = (float(v) for v in values(jax.random.key(4)))
     assert abs(mc - value) <= 0.1 * abs(value) + SE * se, (value, mc, se)
+
+
+# ---------------------------------------------------------------- the rates as run metrics
+
+def test_rate_metrics_are_the_rates_of_the_iterate_each_step_starts_from(twin):
+    """`with_leader_metrics` records `2 sigmoid(w)` (NumPy here) of the `w` the step's gradient is
+    taken at: iteration 0 holds the initial 0.3 rates, iteration 1 those of the updated `w`."""
+    import optax
+
+    from bilevel_jax.algorithms.base import with_leader_metrics
+    from bilevel_jax.runner.problems.tax_design import tax_rate_metrics
+
+    problem, w0, _ = twin
+    from bilevel_jax.algorithms.ascent import hypergradient_ascent
+
+    algorithm = with_leader_metrics(hypergradient_ascent("exact", optax.sgd(0.05)),
+                                    tax_rate_metrics)
+    step = jax.jit(algorithm.step)
+    state = algorithm.init(problem, w0, jax.random.key(0))
+    names = ("income_tax", "vat_1", "vat_2", "vat_3")
+    for iteration in range(2):
+        w = np.asarray(state["x"], float)
+        state, metrics = step(problem, state)
+        for name, rate in zip(names, 2.0 / (1.0 + np.exp(-w))):
+            np.testing.assert_allclose(metrics[name], rate, rtol=1e-6)
+        assert np.isfinite(metrics["objective"])
+        if iteration == 0:
+            np.testing.assert_allclose([metrics[n] for n in names], 0.3, rtol=1e-6)
+    assert not np.allclose(np.asarray(state["x"]), np.asarray(w0), atol=1e-3)
+
+
+def test_runner_writes_the_tax_rates_of_every_iteration(tmp_path):
+    import csv
+
+    from bilevel_jax import cli
+
+    path = tmp_path / "twin.yaml"
+    path.write_text("problem: {name: tax_design_tabular, num_asset_bins: 5}\n"
+                    "estimator: {name: exact}\n"
+                    "algorithm: {name: ascent}\n"
+                    "optimizer: {name: sgd, learning_rate: 0.05}\n"
+                    "iterations: 3\nchunk_size: 3\noutput: {plots: false}\n")
+    out = tmp_path / "run"
+    assert cli.main(["run", str(path), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [int(r["iteration"]) for r in rows] == [0, 1, 2]
+    rates = np.array([[float(r[n]) for n in ("income_tax", "vat_1", "vat_2", "vat_3")]
+                      for r in rows])
+    np.testing.assert_allclose(rates[0], 0.3, rtol=1e-6)
+    assert np.all(np.abs(rates[2] - rates[0]) > 1e-4), rates     # every rate moved
+    import json
+    summary = json.load(open(out / "summary.json"))
+    assert {"income_tax", "vat_1", "vat_2", "vat_3"} <= set(summary["metrics"])

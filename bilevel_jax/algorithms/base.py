@@ -35,3 +35,18 @@ def global_norm(tree) -> jax.Array:
 def any_nonfinite(*trees) -> jax.Array:
     leaves = [leaf for tree in trees for leaf in jax.tree_util.tree_leaves(tree)]
     return jnp.logical_not(jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])))
+
+
+def with_leader_metrics(algorithm: Algorithm, leader_metrics: Callable[[Any], dict]) -> Algorithm:
+    """`algorithm` whose metrics also hold `leader_metrics(x)` (`{name: scalar}`, float32) at
+    the iterate `x` each step starts from: the one its gradient and `objective` are taken at."""
+
+    def step(problem, state):
+        extra = leader_metrics(state["x"])
+        new_state, metrics = algorithm.step(problem, state)
+        clash = sorted(set(extra) & set(metrics))
+        if clash:
+            raise ValueError(f"leader_metrics: {clash} would replace the algorithm's own metrics")
+        return new_state, {**metrics, **{k: jnp.asarray(v, jnp.float32) for k, v in extra.items()}}
+
+    return Algorithm(algorithm.init, step)

@@ -153,6 +153,12 @@ def make_build(config: dict, problem, traced_keys: list[str]):
     spec = problem_spec(config["problem"]["name"])
     scheduled = config.get("track_every") is not None and not tracking_is_free(config)
 
+    def described(algorithm):
+        if spec.leader_metrics is None:
+            return algorithm
+        from bilevel_jax.algorithms.base import with_leader_metrics  # noqa: PLC0415 - jax
+        return with_leader_metrics(algorithm, spec.leader_metrics)
+
     def build(hparams):
         by_section: dict[str, dict] = {"problem": {}, "optimizer": {}, "algorithm": {}}
         for key in traced_keys:
@@ -162,10 +168,10 @@ def make_build(config: dict, problem, traced_keys: list[str]):
         built = spec.apply_traced(problem, by_section["problem"], section)
         optimizer = make_optimizer(config["optimizer"], config["iterations"],
                                    by_section["optimizer"])
-        algorithm = make_algorithm(config, optimizer, by_section["algorithm"])
+        algorithm = described(make_algorithm(config, optimizer, by_section["algorithm"]))
         if not scheduled:
             return built, algorithm
-        untracked = make_untracked_algorithm(config, optimizer, by_section["algorithm"])
+        untracked = described(make_untracked_algorithm(config, optimizer, by_section["algorithm"]))
         return built, algorithm, untracked
 
     return build

@@ -50,6 +50,7 @@ class ProblemSpec:
     make_algorithm: Callable[[dict, Any, dict], Any] | None = None
     simulator: bool = False
     has_reference: Callable[[dict], bool] | None = None
+    leader_metrics: Callable[[Any], dict] | None = None
 
 
 _PROBLEMS: dict[str, ProblemSpec] = {}
@@ -61,7 +62,8 @@ def register_problem(name: str, builder: Callable[[dict], tuple[Any, Any]], *,
                      algorithms: tuple[str, ...] = GENERIC_ALGORITHMS,
                      make_algorithm: Callable[[dict, Any, dict], Any] | None = None,
                      simulator: bool = False,
-                     has_reference: Callable[[dict], bool] | None = None) -> None:
+                     has_reference: Callable[[dict], bool] | None = None,
+                     leader_metrics: Callable[[Any], dict] | None = None) -> None:
     """Makes `problem.name: NAME` available in configs.
 
     Args:
@@ -77,11 +79,15 @@ def register_problem(name: str, builder: Callable[[dict], tuple[Any, Any]], *,
       simulator: the builder returns a `bj.SimulatorProblem` (see the module doc).
       has_reference: `section -> bool` for a simulator problem built with a tabular `reference`
         (`bj.sim.reference_model`): then `algorithm.track_objective: true` reports its exact F.
+      leader_metrics: `x -> {name: scalar}`, readable functions of the leader's variable (the
+        tax rates of `2 sigmoid(w)`) recorded at every iteration beside the standard metrics,
+        at the `x` the iteration's gradient was taken at (so iteration 0 holds `x0`'s).
     """
     if "name" in fields:
         raise ValueError("fields: 'name' is reserved for the problem's name")
     _PROBLEMS[name] = ProblemSpec(name, builder, dict(fields), check, apply_traced, doc,
-                                  tuple(algorithms), make_algorithm, simulator, has_reference)
+                                  tuple(algorithms), make_algorithm, simulator, has_reference,
+                                  leader_metrics)
 
 
 def problem_names() -> tuple[str, ...]:

@@ -34,6 +34,14 @@ TABULAR_FIELDS = {
 }
 
 
+def tax_rate_metrics(w) -> dict:
+    """The income tax and the VAT rate of each good, `2 sigmoid(w)`, as per-iteration metrics."""
+    from bilevel_jax.envs.tax_design import tax_rates  # noqa: PLC0415 - gymnax
+
+    tau, vat = tax_rates(w)
+    return {"income_tax": tau, **{f"vat_{g + 1}": vat[g] for g in range(vat.shape[0])}}
+
+
 def _dtype(section: dict):
     import jax.numpy as jnp
 
@@ -65,7 +73,9 @@ SIMULATOR_FIELDS = {
 
 register_problem("tax_design", build_tax_design, fields=SIMULATOR_FIELDS, simulator=True,
                  has_reference=lambda section: section["reference_bins"] is not None,
+                 leader_metrics=tax_rate_metrics,
                  doc="CB-RL tax design: the household economy as a simulator (SPEC 7.2; "
                      "model-free estimators: hpgd, zero_order; model-free pbrl)")
 register_problem("tax_design_tabular", build_tax_design_tabular, fields=TABULAR_FIELDS,
+                 leader_metrics=tax_rate_metrics,
                  doc="the exact tabular twin of tax_design (assets on bins; every estimator)")
