@@ -371,3 +371,41 @@ def test_runner_writes_the_tax_rates_of_every_iteration(tmp_path):
     import json
     summary = json.load(open(out / "summary.json"))
     assert {"income_tax", "vat_1", "vat_2", "vat_3"} <= set(summary["metrics"])
+
+
+def test_model_free_hpgd_on_the_twin_as_a_simulator_points_along_the_exact_gradient():
+    """Model-free HPGD (the single-batch form with learned critics, the exact soft-optimal
+    household `soft_vi_tabular`) on `as_simulator` of the 21-bin twin: no model reaches the
+    estimator; the income tax acts through the score term of the binned kernel, the VAT through
+    the rewards. After 20 warm-started outer steps at w0, the mean of the next 30 estimates has
+    cosine >= 0.9 with the exact hypergradient (measured 0.997) and every component within
+    SE standard errors of it (the estimates are noisy: the income tax's score term has a std of
+    about 15 against a gradient of 9.6), and it is closer to exact than to the policy-fixed
+    gradient (`naive`, no response term) in the VAT rates."""
+    problem, w0 = td.tax_design_tabular(N_BINS)
+    exact = np.asarray(jax.jit(lambda w: bj.hypergradient(problem, w, "exact",
+                                                          validate=False)[0])(w0))
+    naive = np.asarray(jax.jit(lambda w: bj.hypergradient(problem, w, "naive",
+                                                          validate=False)[0])(w0))
+    simulator = bj.as_simulator(problem)
+    estimator = bj.make_estimator("hpgd", learner="soft_vi_tabular", critic_steps=10,
+                                  num_envs=64, num_steps=64, critic_hidden=(32,),
+                                  estimate_variance=False)
+    step = jax.jit(lambda state, key: estimator.update(simulator, w0, state, key)[:2])
+    state = jax.jit(estimator.init)(simulator, w0)
+    estimates = []
+    for key in jax.random.split(jax.random.key(1), 50):
+        grad, state = step(state, key)
+        estimates.append(np.asarray(grad))
+    estimates = np.array(estimates[20:])
+    mean = estimates.mean(axis=0)
+    se = estimates.std(axis=0, ddof=1) / np.sqrt(len(estimates))
+    cos = mean @ exact / (np.linalg.norm(mean) * np.linalg.norm(exact))
+    print(f"twin as a simulator: cos {cos:.4f}; exact {exact} naive {naive} mean {mean} se {se}")
+    assert cos >= 0.9, (cos, mean, exact)
+    assert np.all(np.abs(mean - exact) <= SE * se), (mean, exact, se)
+    # The check has power: without the household's response (naive) the VAT gradients have the
+    # other sign (measured: +0.19, +0.24, +0.13 against -0.75, -1.08, -0.27).
+    vat = slice(1, None)
+    assert (np.linalg.norm(mean[vat] - exact[vat])
+            < np.linalg.norm(mean[vat] - naive[vat])), (mean, exact, naive)
