@@ -245,14 +245,17 @@ def markdown(rows: list[dict], ablation: list[dict], quick: bool) -> str:
               "(mean over the last 10% of the tracked iterations of each run; mean ± SE over "
               "seeds); rates = the last iterate's; s/it = wall time of one outer iteration of "
               "one run (the program's time per iteration over its vmapped runs, compilation "
-              "excluded).", "",
+              "excluded); continuous F = the welfare of the seeds' mean final rates in the continuous "
+              "economy (simulated, 2 x 2,000 episodes, the household acting by the twin's "
+              "soft-optimal policy on the bin of its assets; ± its simulation SE).", "",
               "| method | lam | iterations x seeds | F(x0) | F final | F best tracked | income tax "
-              "| VAT 1 | VAT 2 | VAT 3 | s/it per run |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| VAT 1 | VAT 2 | VAT 3 | continuous F(x0) | continuous F final | s/it per run |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(main, key=lambda r: (r["lam"], METHODS.index(r["method"]))):
         rates = " | ".join(fmt(r["rates"][name], 3) for name in RATES)
         lines.append(f"| {LABELS[r['method']]} | {r['lam']:g} | {r['iterations']} x {r['seeds']} "
                      f"| {r['F0']:.2f} | {fmt(r['F'])} | {fmt(r['best_F'])} | {rates} "
+                     f"| {fmt(r['F0_continuous'])} | {fmt(r['F_continuous'])} "
                      f"| {r['seconds_per_run_iteration']:.3g} |")
     if ablation:
         lines += ["", f"## Warm-start ablation: HPGD at lam = {ABLATION_LAM}, K follower env "
@@ -319,7 +322,7 @@ def household_policies(final_rates: dict) -> dict:
     amounts = jnp.concatenate([hours[None], consumption], axis=0)   # [1 + G, A]
     out = {"assets": np.asarray(centers).tolist()}
     for label, rates in final_rates.items():
-        w = jnp.log(jnp.asarray(rates) / 2) - jnp.log1p(-jnp.asarray(rates) / 2)
+        w = jnp.asarray(logits(rates), jnp.float32)
         per_context = []
         for k in range(twin.num_contexts):
             context = jax_tree_index(twin.contexts, k)
@@ -333,6 +336,59 @@ def jax_tree_index(tree, k):
     import jax
 
     return jax.tree_util.tree_map(lambda leaf: leaf[k], tree)
+
+
+def logits(rates):
+    """`w` with `2 sigmoid(w) = rates`."""
+    rates = np.asarray(rates, float) / 2
+    return np.log(rates) - np.log1p(-rates)
+
+
+def continuous_welfare(rates, lam: float, seed: int = 0, num_envs: int = 2_000,
+                       num_steps: int = 80) -> dict:
+    """Welfare of taxes `rates` in the *continuous* economy, the household acting by the 41-bin
+    twin's soft-optimal policy read off the bin of its assets (`tests/test_tax_design.py`
+    checks this household against the twin): `num_envs` episodes per preference context,
+    `num_steps` steps (0.9^80 = 2e-4 of the return cut); mean and SE over episodes, the two
+    contexts weighted 1/2."""
+    import jax
+    import jax.numpy as jnp
+
+    from bilevel_jax.envs import tax_design as td
+    from bilevel_jax.problem import solve_follower
+
+    twin, _ = td.tax_design_tabular(41, temperature=lam)
+    simulator, _ = td.tax_design_problem(temperature=lam)
+    actions, w = td.joint_actions(), jnp.asarray(logits(rates), jnp.float32)
+
+    @jax.jit
+    def per_context(context, key):
+        _, solution = solve_follower(twin, w, context)
+        params, env = simulator.env_params(w, context), simulator.env
+        log_pi = jnp.log(solution.policy)
+        k_reset, k_run = jax.random.split(key)
+        _, state = jax.vmap(env.reset_env, (0, None))(jax.random.split(k_reset, num_envs), params)
+
+        def step(carry, key):
+            state, ret, disc = carry
+            k_act, k_env = jax.random.split(key)
+            index = jax.random.categorical(k_act, log_pi[td.asset_bin(state.assets, 41)])
+            action = actions[index]
+            welfare = jax.vmap(td.social_welfare, (None, 0, 0))(params, state.assets, action)
+            _, state, _, _, _ = jax.vmap(env.step_env, (0, 0, 0, None))(
+                jax.random.split(k_env, num_envs), state, action, params)
+            return (state, ret + disc * welfare, disc * simulator.leader_discount), None
+
+        init = (state, jnp.zeros(num_envs), jnp.ones(()))
+        (_, ret, _), _ = jax.lax.scan(step, init, jax.random.split(k_run, num_steps))
+        return ret.mean(), ret.var(ddof=1) / num_envs
+
+    keys = jax.random.split(jax.random.key(seed), twin.num_contexts)
+    parts = [per_context(twin.context(k), keys[k]) for k in range(twin.num_contexts)]
+    probs = np.asarray(twin.probs(), float)
+    mean = float(sum(p * float(m) for p, (m, _) in zip(probs, parts)))
+    se = float(math.sqrt(sum(p**2 * float(v) for p, (_, v) in zip(probs, parts))))
+    return {"mean": mean, "se": se, "n": num_envs}
 
 
 def plot_policy(path: str, policies: dict) -> None:
@@ -374,6 +430,10 @@ def main(argv=None) -> int:
             curves[job["method"]] = read_metrics(job["directory"])
     main_rows = [r for r in rows if not r["key"].startswith("ablation")]
     ablation = [r for r in rows if r["key"].startswith("ablation")]
+    for r in main_rows:
+        final = [r["rates"][name]["mean"] for name in RATES]
+        r["F_continuous"] = continuous_welfare(final, r["lam"])
+        r["F0_continuous"] = continuous_welfare([0.3] * 4, r["lam"])
     suffix = "_quick" if args.quick else ""
     text = markdown(rows, ablation, args.quick)
     print(text)
