@@ -41,6 +41,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -301,7 +302,8 @@ def plot_curves(path: str, curves: dict, names: tuple[str, ...], ylabels: dict, 
             ax.set_xlabel("outer iteration")
             ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
+    # A one-column figure is narrower than the title: wrap it to the figure's width.
+    fig.suptitle(textwrap.fill(title, width=int(40 * len(names))), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
