@@ -84,6 +84,7 @@ def write_json(path: str | None, payload: dict) -> None:
     with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as handle:
         json.dump(payload, handle, indent=2, default=_to_builtin)
         tmp = handle.name
+    os.chmod(tmp, 0o644)   # NamedTemporaryFile makes it 0600; results are meant to be read
     os.replace(tmp, path)
     print(f"\nwrote {path}")
 

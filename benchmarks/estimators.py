@@ -341,14 +341,9 @@ def variance_ratios(rows: list[dict], branching: str, single: str) -> dict:
         if b is None or s is None:
             continue
         def simulated(r):
-            """Transitions simulated: the row's own count, else its cost where it reads all it
-            simulates (the paper variant, the plain branching forms); None where unknown (the
-            tabular critic form reports only what it reads; its rollouts simulate
-            `num_envs x horizon` steps per context)."""
-            if r.get("simulated"):
-                return r["simulated"]
-            tabular_critic = r["method"].startswith("hpgd-unbiased") and "plain" not in r["method"]
-            return None if tabular_critic else r["cost"]
+            """Transitions simulated: the estimator's own `info["simulated"]`, else its cost
+            (an estimator that does not report it reads all it simulates)."""
+            return r.get("simulated") or r["cost"]
         ratio_sim = (None if simulated(b) is None else
                      (b["rel_variance"] * simulated(b)) / (s["rel_variance"] * simulated(s)))
         out[problem] = {

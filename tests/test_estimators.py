@@ -389,12 +389,13 @@ def test_hpgd_unbiased_critic_form_cuts_the_variance():
     58x fewer transitions)."""
     spec, problem, x, xf, exact = hpgd_setup()
     keys = jax.random.split(jax.random.key(12), 32)
-    out = {}
+    out, simulated = {}, {}
     for form, est in HPGD_PLAIN.items():
         run = jax.jit(jax.vmap(lambda k, est=est: est.update(problem, x, est.init(problem, x),
                                                              k)[::2]))
         grads, infos = jax.device_get(run(keys))
         out[form] = (batch_flat(grads), np.asarray(infos["samples"]))
+        simulated[form] = np.asarray(infos["simulated"])
     var = {form: g.var(0, ddof=1) for form, (g, _) in out.items()}
     read = {form: samples.mean() for form, (_, samples) in out.items()}
     ratio = var["plain"] * read["plain"] / (var["critic"] * read["critic"])
@@ -402,6 +403,12 @@ def test_hpgd_unbiased_critic_form_cuts_the_variance():
           f"{read['critic']:.0f} vs {read['plain']:.0f}")
     assert np.all(ratio >= 100), ratio
     assert read["critic"] < read["plain"]
+    # What the rollouts simulate: the plain form reads all of it; the critic form's main batch
+    # and its two branch batches (4 draws per environment) run all `horizon` steps, per context.
+    np.testing.assert_array_equal(simulated["plain"], out["plain"][1])
+    expected = problem.num_contexts * 16 * UNBIASED_HORIZON * (1 + 2 * 4)
+    np.testing.assert_array_equal(simulated["critic"], expected)
+    assert np.all(out["critic"][1] <= expected)
 
 
 def test_hpgd_unbiased_default_horizon_under_jit():

@@ -646,8 +646,10 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
     normalizer). Unbiased up to the cuts `gammabar^(horizon / 2)` (critic) and
     `max(gamma, gammabar)^horizon` (returns); time limits are not applied. `info["samples"]`
     counts the transitions the estimate reads (the episodes' steps, the branch steps before
-    their stop where a branch is needed); the vectorized rollout simulates `num_envs x horizon`
-    steps (and `2 x num_envs x samples_per_trajectory x horizon` for the branches). The
+    their stop where a branch is needed), `info["simulated"]` those the vectorized rollouts
+    simulate: `num_envs x horizon` steps and `2 x num_envs x samples_per_trajectory x horizon`
+    for the branches (every other form reads all it simulates; both counts include a sampling
+    oracle's transitions). The
     variance estimate sums over 16 groups of environments, each with its environments' steps
     and its influence as a critic and through the baselines (the environments' terms are not
     independent; their linearization is).
@@ -722,11 +724,16 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
         static_samples = num_envs * rollouts
 
         def cotangents(mdp, q, rbar, k):
-            """`(tables, transitions read)` of one context's estimate."""
+            """`(tables, transitions read, transitions simulated)` of one context's estimate."""
             if critic_form:
-                return _critic_cotangents(_Context(mdp, q, rbar, lam, gamma_bar), k, num_envs,
-                                          rollout_horizon, samples_per_trajectory,
-                                          groups=estimate_variance)
+                tables, read = _critic_cotangents(_Context(mdp, q, rbar, lam, gamma_bar), k,
+                                                  num_envs, rollout_horizon,
+                                                  samples_per_trajectory,
+                                                  groups=estimate_variance)
+                # The main batch and both leader branches run their full `horizon` steps as
+                # fixed-length vectorized rollouts, whatever the estimate then reads of them.
+                simulated = num_envs * rollout_horizon * (1 + 2 * samples_per_trajectory)
+                return tables, read, jnp.asarray(simulated, jnp.int32)
             if unbiased:
                 tables = _unbiased_cotangents(_Context(mdp, q, rbar, lam, gamma_bar), k,
                                               num_envs, rollout_horizon, baseline)
@@ -734,7 +741,8 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
                 tables = _paper_estimate(k, mdp, q, rbar, lam, gamma_bar, num_envs=num_envs,
                                          num_steps=num_steps, max_episode_steps=max_episode_steps,
                                          baseline=baseline, per_env=estimate_variance)
-            return tables, jnp.asarray(static_samples, jnp.int32)
+            return (tables, jnp.asarray(static_samples, jnp.int32),
+                    jnp.asarray(static_samples, jnp.int32))
 
         def per_context(context, q_prev, k):
             k_oracle, k_roll, k_level = jax.random.split(k, 3)
@@ -749,16 +757,18 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
                 q_base = dynamic_sweeps(mdp, lam, q_prev, 1)
                 q_lo = dynamic_sweeps(mdp, lam, q_prev, 2 ** (level - 1))
                 q_hi = dynamic_sweeps(mdp, lam, q_lo, 2 ** (level - 1))
-                (c_b, n_b), (c_lo, n_lo), (c_hi, n_hi) = (
+                (c_b, n_b, m_b), (c_lo, n_lo, m_lo), (c_hi, n_hi, m_hi) = (
                     cotangents(mdp, q_base, rbar, k_roll), cotangents(mdp, q_lo, rbar, k_roll),
                     cotangents(mdp, q_hi, rbar, k_roll))
                 cots = jax.tree_util.tree_map(lambda b, lo, hi: b + (hi - lo) / p_level,
                                               c_b, c_lo, c_hi)
                 q, sweeps, oracle_samples = q_hi, 2 ** level, n_b + n_lo + n_hi
+                simulated = m_b + m_lo + m_hi
             else:
                 q, oinfo = follower_oracle.solve(mdp, lam, q_prev, k_oracle)
-                cots, read = cotangents(mdp, q, rbar, k_roll)
+                cots, read, simulated = cotangents(mdp, q, rbar, k_roll)
                 sweeps, oracle_samples = oinfo["sweeps"], oinfo["samples"] + read
+                simulated = oinfo["samples"] + simulated
 
             def vjp(c):
                 return model.model_vjp(follower_flat, leader_flat, x_flat, context,
@@ -773,24 +783,27 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
                 grad = vjp(jax.tree_util.tree_map(lambda c: c.sum(0), cots))
                 variance = jnp.full_like(grad, jnp.nan)
             residual = jnp.max(jnp.abs(soft_bellman_operator(q, mdp, lam) - q))
-            return grad, variance, jax.lax.stop_gradient(q), residual, sweeps, oracle_samples
+            return (grad, variance, jax.lax.stop_gradient(q), residual, sweeps, oracle_samples,
+                    simulated)
 
         if contexts == "sample" or problem.contexts is None:
             k_ctx, k_est = jax.random.split(key)
             index, context = problem.draw_context(k_ctx)
-            grad, variance, q, residual, sweeps, oracle_samples = per_context(
+            grad, variance, q, residual, sweeps, oracle_samples, simulated = per_context(
                 context, state["q"][index], k_est)
             new_q = state["q"].at[index].set(q)
             samples = oracle_samples
         else:
             keys = jax.random.split(key, problem.num_contexts)
-            grads, variances, new_q, residuals, sweeps, oracle_samples = map_contexts(
+            grads, variances, new_q, residuals, sweeps, oracle_samples, simulated = map_contexts(
                 per_context, problem, state["q"], keys)
+            simulated = jnp.sum(simulated)
             probs = problem.probs().astype(grads.dtype)
             grad, variance = probs @ grads, (probs ** 2) @ variances
             residual, sweeps = jnp.max(residuals), jnp.sum(sweeps)
             samples = jnp.sum(oracle_samples)
-        info = {"samples": jnp.asarray(samples), "follower_residual": residual,
+        info = {"samples": jnp.asarray(samples), "simulated": jnp.asarray(simulated),
+                "follower_residual": residual,
                 "sweeps": jnp.asarray(sweeps), "variance": unravel(variance)}
         return unravel(grad), {"q": new_q}, info
 
