@@ -1,13 +1,16 @@
 """CB-RL's tax design (SPEC 7.2): HPGD against zero-order, PBRL and exact ascent on the twin.
 
     python benchmarks/tax_design.py [--quick] [--json PATH] [--runs-dir DIR] [--reuse]
-                                    [--iterations N] [--seeds N] [--methods hpgd,...]
-                                    [--ablation K,K,...] [--out DIR]
+                                    [--iterations N] [--method-iterations m=N,...]
+                                    [--seeds N] [--methods hpgd,...] [--ablation K,K,...]
+                                    [--ablation-method hpgd|hpgd_branching] [--out DIR]
 
-Runs `configs/tax_design/{hpgd,zero_order,pbrl,exact}.yaml` with the library's runner (each
-config one compiled program over its 3 temperatures x seeds), the warm-start ablation (HPGD at
+Runs `configs/tax_design/{hpgd,hpgd_branching,zero_order,pbrl,exact}.yaml` with the library's
+runner (each config one compiled program over its 3 temperatures x seeds; `hpgd` is the
+single-batch form, `hpgd_branching` the branching form), the warm-start ablation (HPGD at
 `lam = 0.1` with `K = estimator.hpgd.learner_options.num_updates` follower env steps x 10
-environments per outer step, for each `K` of `--ablation`), then writes
+environments per outer step, for each `K` of `--ablation`, in the form `--ablation-method`),
+then writes
 
 * `tax_design.md` and `tax_design.json` (`--json` elsewhere): per method and `lam`, the welfare
   `F` (the exact welfare of the 41-bin tabular twin at the leader's iterate, for every method, so
@@ -52,9 +55,12 @@ import common  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 CONFIGS = os.path.join(ROOT, "configs", "tax_design")
-METHODS = ("hpgd", "zero_order", "pbrl", "exact")
-LABELS = {"hpgd": "HPGD (soft-DQN household)", "zero_order": "zero-order (soft-DQN household)",
+METHODS = ("hpgd", "hpgd_branching", "zero_order", "pbrl", "exact")
+LABELS = {"hpgd": "HPGD single batch (soft-DQN household)",
+          "hpgd_branching": "HPGD branching (soft-DQN household)",
+          "zero_order": "zero-order (soft-DQN household)",
           "pbrl": "PBRL value penalty (policy network)", "exact": "exact ascent (41-bin twin)"}
+ABLATION_METHODS = ("hpgd", "hpgd_branching")
 RATES = ("income_tax", "vat_1", "vat_2", "vat_3")
 RATE_NAMES = {"income_tax": "income tax", "vat_1": "VAT good 1", "vat_2": "VAT good 2",
               "vat_3": "VAT good 3"}
@@ -75,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="outer iterations of the model-free methods (default: the configs')")
     parser.add_argument("--exact-iterations", type=int,
                         help="outer iterations of exact ascent (default: the config's 1,000)")
+    parser.add_argument("--method-iterations", default="",
+                        help="per-method outer iterations overriding --iterations, e.g. "
+                             "'hpgd_branching=1000,zero_order=300'")
     parser.add_argument("--seeds", type=int, help="seeds of the model-free methods")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated, some of {','.join(METHODS)}")
@@ -82,12 +91,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="follower updates K per outer step for the ablation ('' for none)")
     parser.add_argument("--ablation-iterations", type=int, default=100,
                         help="outer iterations of each ablation run")
+    parser.add_argument("--ablation-method", default="hpgd", choices=ABLATION_METHODS,
+                        help="the HPGD form of the ablation")
     parser.add_argument("--out", default=RESULTS, help="directory of the tables and figures")
     args = parser.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         parser.error(f"--methods: unknown method(s) {unknown}; expected some of {list(METHODS)}")
+    per_method = {}
+    for item in (i for i in args.method_iterations.split(",") if i):
+        method, _, value = item.partition("=")
+        if method not in METHODS or not value.isdigit() or int(value) < 1:
+            parser.error(f"--method-iterations: expected 'method=N' with a method of "
+                         f"{list(METHODS)} and N >= 1, got {item!r}")
+        per_method[method] = int(value)
+    args.method_iterations = per_method
     try:
         args.ablation = [int(k) for k in args.ablation.split(",") if k]
     except ValueError:
@@ -116,7 +135,8 @@ def plan(args) -> list[dict]:
         if method == "exact":
             iterations, seeds = args.exact_iterations or base["iterations"], len(base["seeds"])
         else:
-            iterations = args.iterations or base["iterations"]
+            iterations = (args.method_iterations.get(method) or args.iterations
+                          or base["iterations"])
             seeds = args.seeds or len(base["seeds"])
         overrides = []
         if args.quick:
@@ -128,16 +148,18 @@ def plan(args) -> list[dict]:
         jobs.append({"key": method, "method": method, "config": path, "overrides": overrides,
                      "directory": os.path.join(args.runs_dir, f"{method}_{iterations}{suffix}")})
     if not args.quick:
+        method = args.ablation_method
+        prefix = "ablation" if method == "hpgd" else f"ablation_{method}"
         for k in args.ablation:
             iterations = args.ablation_iterations
             jobs.append({
-                "key": f"ablation_K{k}", "method": "hpgd", "updates": k,
-                "config": os.path.join(CONFIGS, "hpgd.yaml"),
+                "key": f"ablation_K{k}", "method": method, "updates": k,
+                "config": os.path.join(CONFIGS, f"{method}.yaml"),
                 "overrides": ["sweep={}", f"problem.temperature={ABLATION_LAM}",
                               f"estimator.hpgd.learner_options.num_updates={k}",
                               f"iterations={iterations}", f"seeds={args.seeds or 2}",
                               f"chunk_size={min(50, iterations)}"],
-                "directory": os.path.join(args.runs_dir, f"ablation_K{k}_{iterations}")})
+                "directory": os.path.join(args.runs_dir, f"{prefix}_K{k}_{iterations}")})
     return jobs
 
 
@@ -259,7 +281,8 @@ def markdown(rows: list[dict], ablation: list[dict], quick: bool) -> str:
                      f"| {fmt(r['F0_continuous'])} | {fmt(r['F_continuous'])} "
                      f"| {r['seconds_per_run_iteration']:.3g} |")
     if ablation:
-        lines += ["", f"## Warm-start ablation: HPGD at lam = {ABLATION_LAM}, K follower env "
+        lines += ["", f"## Warm-start ablation: {LABELS[ablation[0]['method']]} at lam = "
+                  f"{ABLATION_LAM}, K follower env "
                   "steps x 10 environments per outer step", "",
                   "| K | iterations x seeds | F final | F best tracked | income tax | s/it per run |",
                   "|---|---|---|---|---|---|"]
@@ -290,7 +313,7 @@ def plot_curves(path: str, curves: dict, names: tuple[str, ...], ylabels: dict, 
     lams = sorted({lam for method in curves.values() for lam in method})
     fig, axes = plt.subplots(len(lams), len(names), figsize=(4.2 * len(names), 3.2 * len(lams)),
                              squeeze=False)
-    colors = dict(zip(METHODS, ("C0", "C1", "C2", "k")))
+    colors = dict(zip(METHODS, ("C0", "C3", "C1", "C2", "k")))
     for i, lam in enumerate(lams):
         for j, name in enumerate(names):
             ax = axes[i, j]
