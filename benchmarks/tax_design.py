@@ -443,6 +443,43 @@ def plot_policy(path: str, policies: dict) -> None:
     plt.close(fig)
 
 
+def household_throughput(runs_list=(1, 6), repeats: int = 5) -> list[dict]:
+    """The soft-DQN household's training speed on the economy alone (the configs' options, the
+    reference's update rule: one batch-1,000 update per env step of 10 environments): seconds
+    per `learner.update` of 200 env steps after warm-up (past `learning_starts`), best of
+    `repeats`, for 1 run and for vmapped runs. SPEC 8's reference: about 7,000 transitions/s."""
+    import jax
+    import jax.numpy as jnp
+    import yaml
+
+    from bilevel_jax import learners
+    from bilevel_jax.envs import tax_design as td
+
+    with open(os.path.join(CONFIGS, "hpgd.yaml")) as handle:
+        options = yaml.safe_load(handle)["estimator"]["hpgd"]["learner_options"]
+    problem, w0 = td.tax_design_problem(temperature=ABLATION_LAM)
+    context = jax.tree_util.tree_map(lambda c: c[0], problem.contexts)
+    learner = learners.make_learner("soft_dqn", **options)
+    state = jax.jit(learner.init)(problem, w0, context, jax.random.key(0))
+    out = []
+    for runs in runs_list:
+        batched = jax.tree_util.tree_map(lambda a: jnp.stack([a] * runs), state)
+        update = jax.jit(jax.vmap(lambda st, k: learner.update(problem, w0, context, st, k)[0]))
+        keys = jax.random.split(jax.random.key(1), (3 + repeats, runs))
+        for i in range(3):   # compile, and fill the buffer past learning_starts
+            batched = jax.block_until_ready(update(batched, keys[i]))
+        times = []
+        for i in range(3, 3 + repeats):
+            start = time.perf_counter()
+            batched = jax.block_until_ready(update(batched, keys[i]))
+            times.append(time.perf_counter() - start)
+        transitions = runs * options["num_updates"] * options["num_envs"]
+        out.append({"runs": runs, "seconds_per_update_call": min(times),
+                    "transitions_per_second": transitions / min(times),
+                    "ratio_to_reference_7000": transitions / min(times) / 7000.0})
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
@@ -460,7 +497,14 @@ def main(argv=None) -> int:
         r["F_continuous"] = continuous_welfare(final, r["lam"])
         r["F0_continuous"] = continuous_welfare([0.3] * 4, r["lam"])
     suffix = "_quick" if args.quick else ""
+    throughput = household_throughput()
     text = markdown(rows, ablation, args.quick)
+    text += ("\n## The household alone (soft DQN, 200 env steps x 10 environments per call, one "
+             "batch-1,000 update per env step; SPEC 8's reference: about 7,000 transitions/s)\n\n"
+             "| runs vmapped | s per call | transitions/s | ratio to 7,000 |\n|---|---|---|---|\n"
+             + "".join(f"| {t['runs']} | {t['seconds_per_update_call']:.3f} | "
+                       f"{t['transitions_per_second']:,.0f} | {t['ratio_to_reference_7000']:.2f} |\n"
+                       for t in throughput))
     print(text)
 
     title = ("QUICK run: " if args.quick else "") + "tax design, " + "; ".join(
@@ -482,6 +526,7 @@ def main(argv=None) -> int:
         handle.write(text)
     payload = {"environment": common.environment(), "quick": args.quick, "rows": main_rows,
                "ablation": ablation, "household_policy": policies,
+               "household_throughput": throughput,
                "benchmark_seconds": time.perf_counter() - start}
     common.write_json(args.json or os.path.join(args.out, f"tax_design{suffix}.json"), payload)
     return 0
