@@ -34,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+from tax_design import CONFIGS, logits  # noqa: E402
 
 LAM = 0.3
 INCOME_TAXES = (0.3, 0.6, 0.76)
@@ -44,8 +45,7 @@ BRANCH_HORIZON = 50   # gammabar^50 = 0.005 of the leader's return is cut
 def _points(dtype):
     import jax.numpy as jnp
 
-    rates = np.array([[tau, VAT, VAT, VAT] for tau in INCOME_TAXES])
-    return jnp.asarray(np.log(rates / 2) - np.log1p(-rates / 2), dtype)   # 2 sigmoid(w) = rate
+    return jnp.asarray(logits([[tau, VAT, VAT, VAT] for tau in INCOME_TAXES]), dtype)
 
 
 def _mean_estimates(estimator, problem, points, warm: int, count: int, seed: int):
@@ -106,9 +106,7 @@ def main():
     times["twin sim, branching"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    config_path = os.path.join(os.path.dirname(__file__), "..", "configs", "tax_design",
-                               "hpgd.yaml")
-    with open(config_path) as handle:
+    with open(os.path.join(CONFIGS, "hpgd.yaml")) as handle:
         options = yaml.safe_load(handle)["estimator"]["hpgd"]
     continuous_estimator = bj.make_estimator("hpgd", **options)
     cont_mean, cont_se = _mean_estimates(continuous_estimator, continuous, points,

@@ -766,9 +766,9 @@ def hpgd(*, num_envs: int = 16, num_steps: int = 400, max_episode_steps: int | N
                 simulated = m_b + m_lo + m_hi
             else:
                 q, oinfo = follower_oracle.solve(mdp, lam, q_prev, k_oracle)
-                cots, read, simulated = cotangents(mdp, q, rbar, k_roll)
+                cots, read, rolled = cotangents(mdp, q, rbar, k_roll)
                 sweeps, oracle_samples = oinfo["sweeps"], oinfo["samples"] + read
-                simulated = oinfo["samples"] + simulated
+                simulated = oinfo["samples"] + rolled
 
             def vjp(c):
                 return model.model_vjp(follower_flat, leader_flat, x_flat, context,
