@@ -287,6 +287,31 @@ def test_buffer_fifo_and_episodic_returns():
     assert int(count) == 2 and float(mean) == pytest.approx((3.0 + 3.0) / 2)
 
 
+def test_minibatch_reward_loss_is_unbiased_over_the_filled_slots():
+    """`fit_batch_size`: the minibatch NLL and its gradient average (within 4 SE over 400 draws)
+    to the NLL of the filled slots only (9 of 16 filled: empty slots never drawn)."""
+    from bilevel_jax.algorithms.rlhf_sim import _buffer_loss
+    full = make_problem(num_envs=8, num_steps=6, segment_length=2)
+    mini = make_problem(num_envs=8, num_steps=6, segment_length=2, fit_batch_size=3)
+    policy = lambda obs: table_policy(jnp.asarray(Y_NP), obs)  # noqa: E731
+    pairs, labels, _ = jax.jit(lambda k: draw_pairs(full, k, jnp.zeros((S, A)), policy, 9))(
+        jax.random.key(0))
+    buf = push_pairs(empty_buffer(16, pairs, labels.dtype), pairs, labels)
+    x = jnp.asarray(X_NP)
+    target = float(_buffer_loss(full, x, buf, None))
+    target_grad = np.asarray(jax.grad(lambda p: _buffer_loss(full, p, buf, None))(x))
+    keys = jax.random.split(jax.random.key(1), 400)
+    values, grads = jax.vmap(jax.value_and_grad(lambda p, k: _buffer_loss(mini, p, buf, k)),
+                             (None, 0))(x, keys)
+    values, grads = np.asarray(values), np.asarray(grads)
+    assert abs(values.mean() - target) <= Z_MAX * values.std(ddof=1) / np.sqrt(400)
+    se = grads.std(0, ddof=1) / np.sqrt(400)
+    assert np.all(np.abs(grads.mean(0) - target_grad) <= Z_MAX * se + 1e-12)
+    assert values.std() > 0   # it is a draw, not the full batch
+    with pytest.raises(InvalidArgumentError, match="fit_batch_size"):
+        make_problem(num_envs=4, fit_batch_size=0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad inputs
 # ----------------------------------------------------------------------------------------------
@@ -318,9 +343,11 @@ def _learner():
                         num_updates=1, hidden=(4,), learning_rate=1e-2)
 
 
-def test_algorithms_run_and_report():
+@pytest.mark.parametrize("fit_batch_size", [None, 8])
+def test_algorithms_run_and_report(fit_batch_size):
     problem = make_problem(num_envs=6, num_steps=8, segment_length=3, initial_pairs=16,
-                           warmup_epochs=30, buffer_size=24, noise=0.3)
+                           warmup_epochs=30, buffer_size=24, noise=0.3,
+                           fit_batch_size=fit_batch_size)
     x0 = jnp.zeros((S, A))
     opt = optax.adam(0.05)
     cfg = SamplePBRLConfig(num_envs=2, num_steps=4, policy_hidden=(), baseline_hidden=(4,),

@@ -85,11 +85,12 @@ def _fit(problem: RLHFProblem, optimizer, x, opt_state, buffer, steps: int):
     return fit_loss(lambda p: _buffer_loss(problem, p, buffer), optimizer, x, opt_state, steps)
 
 
-def fit_loss(loss, optimizer, x, opt_state, steps: int):
-    """`steps` optimizer steps on `loss(x)` in one scan: `(x, opt_state, first grad norm)`."""
+def fit_loss(loss, optimizer, x, opt_state, steps: int, key=None):
+    """`steps` optimizer steps on `loss(x)` (with `key`: `loss(x, key_i)`, a fresh key per
+    step) in one scan: `(x, opt_state, first grad norm)`."""
     if steps == 0:
         return x, opt_state, jnp.zeros((), jnp.float32)
-    x, opt_state, _, norms = fit(loss, optimizer, x, opt_state, steps)
+    x, opt_state, _, norms = fit(loss, optimizer, x, opt_state, steps, key)
     return x, opt_state, norms[0]
 
 

@@ -24,7 +24,12 @@ and takes `heldout_pairs` pairs (kept fixed: accuracy is measured against their 
 gaps) and `initial_pairs` labelled pairs into the FIFO buffer, then `warmup_epochs` full-batch
 optimizer steps of the reward model on the buffer's NLL (a fresh optimizer state, discarded).
 Every iteration rolls out the current policy, takes `pairs_per_epoch` new pairs, labels them and
-pushes them into the buffer (`buffer_size` slots).
+pushes them into the buffer (`buffer_size` slots). `fit_batch_size=None` (the paper's) takes
+every reward step on the NLL of the whole buffer; an int `B` takes each step on `B` pairs drawn
+uniformly (with replacement) from the buffer's filled slots instead, and every other use of the
+buffer's NLL (PBRL's gradient in `x`, the `preference_loss` metric) on such a draw too: the same
+expected gradient at `B / buffer_size` of the cost (a CNN over `2 x L` frames per pair is most
+of an iteration's time on a CPU).
 
 **Learners.** Any sample-based learner of `bilevel_jax.learners` (`soft_ppo`, `soft_dqn`,
 `soft_q_tabular`). Not `soft_vi_tabular`: it solves the model read from a `TabularEnv`'s params,
@@ -79,6 +84,7 @@ class RLHFSimProblem:
       noise: annotator noise `>= 0` (may be traced).
       segment_length: `L`; num_envs, num_steps: the pair rollouts `[T, N]` (static).
       initial_pairs, warmup_epochs, pairs_per_epoch, buffer_size, heldout_pairs: the protocol.
+      fit_batch_size: pairs per reward step (None: the whole buffer).
     """
 
     sim: SimulatorProblem
@@ -92,6 +98,7 @@ class RLHFSimProblem:
     pairs_per_epoch: int = struct.field(pytree_node=False, default=16)
     buffer_size: int = struct.field(pytree_node=False, default=3000)
     heldout_pairs: int = struct.field(pytree_node=False, default=256)
+    fit_batch_size: int | None = struct.field(pytree_node=False, default=None)
 
     def true_reward_sim(self) -> SimulatorProblem:
         """The same world with the environment's own reward as the follower's (the ceiling)."""
@@ -110,7 +117,7 @@ def rlhf_sim_problem(base, reward_model, *, env_params=None, base_x=None, temper
                      num_steps: int = 128, initial_pairs: int = 576, warmup_epochs: int = 500,
                      pairs_per_epoch: int = 16, buffer_size: int = 3000,
                      heldout_pairs: int = 256, max_episode_steps: int | None = None,
-                     probe_params=None) -> RLHFSimProblem:
+                     fit_batch_size: int | None = None, probe_params=None) -> RLHFSimProblem:
     """Builds and checks an `RLHFSimProblem` (host-side, eager).
 
     Args:
@@ -123,7 +130,8 @@ def rlhf_sim_problem(base, reward_model, *, env_params=None, base_x=None, temper
       temperature: `lam > 0` (None: the base problem's, or 0.01); discount: the follower's
         (None: the base problem's, or 0.99).
       noise: annotator noise; segment_length: `L <= num_steps`; num_envs, num_steps: the
-        rollouts the pairs come from; the protocol sizes (see the module doc).
+        rollouts the pairs come from; the protocol sizes (see the module doc);
+      fit_batch_size: None (every reward step on the whole buffer) or pairs per step `>= 1`.
 
     Raises:
       InvalidArgumentError: naming the field (`segment_length` longer than the rollout,
@@ -153,6 +161,8 @@ def rlhf_sim_problem(base, reward_model, *, env_params=None, base_x=None, temper
     segment_length = check_segment_length(segment_length, num_steps)
     initial_pairs, warmup_epochs, pairs_per_epoch, heldout_pairs, buffer_size = check_protocol(
         initial_pairs, warmup_epochs, pairs_per_epoch, heldout_pairs, buffer_size)
+    if fit_batch_size is not None:
+        fit_batch_size = _int("fit_batch_size", fit_batch_size, 1)
     apply = reward_model.apply if isinstance(reward_model, RewardModel) else reward_model
     if not callable(apply):
         raise InvalidArgumentError(
@@ -183,7 +193,8 @@ def rlhf_sim_problem(base, reward_model, *, env_params=None, base_x=None, temper
                              segment_length=segment_length, num_envs=num_envs,
                              num_steps=num_steps, initial_pairs=initial_pairs,
                              warmup_epochs=warmup_epochs, pairs_per_epoch=pairs_per_epoch,
-                             buffer_size=buffer_size, heldout_pairs=heldout_pairs)
+                             buffer_size=buffer_size, heldout_pairs=heldout_pairs,
+                             fit_batch_size=fit_batch_size)
     if probe_params is None and isinstance(reward_model, RewardModel):
         probe_params = jax.eval_shape(reward_model.init, jax.random.key(0))
     if probe_params is not None:
@@ -221,13 +232,23 @@ def draw_pairs(problem: RLHFSimProblem, key, x, policy, num_pairs: int):
     return pairs, labels, stats
 
 
-def _buffer_loss(problem, x, buffer):
-    return bradley_terry_nll(problem.reward_fn, x, buffer.pairs, buffer.labels, buffer.valid)
+def _buffer_loss(problem, x, buffer, key):
+    """The NLL at `x` of the buffer's filled slots, or of `fit_batch_size` of them drawn
+    uniformly with `key` (the same mean)."""
+    if problem.fit_batch_size is None:
+        return bradley_terry_nll(problem.reward_fn, x, buffer.pairs, buffer.labels, buffer.valid)
+    filled = jnp.minimum(buffer.count, buffer.size)
+    index = jax.random.randint(key, (problem.fit_batch_size,), 0, jnp.maximum(filled, 1))
+    pairs = jax.tree_util.tree_map(lambda a: a[index], buffer.pairs)
+    return bradley_terry_nll(problem.reward_fn, x, pairs, buffer.labels[index],
+                             buffer.valid[index])
 
 
-def _fit(problem, optimizer, x, opt_state, buffer, steps: int):
-    """`steps` full-batch optimizer steps on the buffer's NLL: `(x, opt_state, first grad norm)`."""
-    return fit_loss(lambda p: _buffer_loss(problem, p, buffer), optimizer, x, opt_state, steps)
+def _fit(problem, optimizer, x, opt_state, buffer, steps: int, key):
+    """`steps` optimizer steps on the buffer's NLL (whole-buffer or minibatch, `_buffer_loss`):
+    `(x, opt_state, first grad norm)`."""
+    return fit_loss(lambda p, k: _buffer_loss(problem, p, buffer, k), optimizer, x, opt_state,
+                    steps, key)
 
 
 def _setup(problem: RLHFSimProblem, x0, key, optimizer, policy):
@@ -246,17 +267,17 @@ def _setup(problem: RLHFSimProblem, x0, key, optimizer, policy):
         buffer = push_pairs(buffer, take_pairs(pairs, num_held, num_held + num_initial),
                             labels[num_held:])
         x, _, _ = _fit(problem, optimizer, x0, optimizer.init(x0), buffer,
-                       problem.warmup_epochs)
+                       problem.warmup_epochs, jax.random.fold_in(sub, 1))
     return {"x": x, "key": key, "step": jnp.zeros((), jnp.int32), "buffer": buffer,
             "heldout": heldout, "labels": jnp.asarray(num_initial, jnp.int32)}
 
 
-def _evaluation(problem, x, buffer, heldout, stats):
+def _evaluation(problem, x, buffer, heldout, stats, key):
     return {"objective": stats["true_return"], "true_return": stats["true_return"],
             "env_reward": stats["env_reward"], "episodes": stats["episodes"],
             "preference_accuracy": preference_accuracy(
                 problem.reward_fn, x, heldout["pairs"], heldout["gaps"]).astype(jnp.float32),
-            "preference_loss": _buffer_loss(problem, x, buffer).astype(jnp.float32)}
+            "preference_loss": _buffer_loss(problem, x, buffer, key).astype(jnp.float32)}
 
 
 def _policy_fn(cfg: SamplePBRLConfig, problem: RLHFSimProblem):
@@ -306,7 +327,8 @@ def rlhf_sim_pbrl(optimizer: optax.GradientTransformation, learner: Learner,
         pen_grads, follower, info = estimate(problem.sim, x, y, state["follower"], k_est,
                                              learner, cfg, leader_weight=0.0,
                                              penalty_weight=1.0)
-        nll_grad_x = jax.grad(lambda p: _buffer_loss(problem, p, buffer))(x)
+        k_nll = jax.random.fold_in(k_pairs, 1)
+        nll_grad_x = jax.grad(lambda p: _buffer_loss(problem, p, buffer, k_nll))(x)
         _, _, score = preference_gradients(problem.reward_fn, x, apply_pi, y0, fresh, labels,
                                            baseline=baseline)
         score = jax.tree_util.tree_map(lambda a: a[None], score)
@@ -317,7 +339,7 @@ def rlhf_sim_pbrl(optimizer: optax.GradientTransformation, learner: Learner,
         updates, opt_state = optimizer.update(grads, state["opt"], params)
         new = optax.apply_updates(params, updates)
         labels_used = state["labels"] + problem.pairs_per_epoch
-        metrics = _evaluation(problem, x, buffer, state["heldout"], stats)
+        metrics = _evaluation(problem, x, buffer, state["heldout"], stats, k_nll)
         metrics.update({
             "grad_norm": global_norm(grads["x"]).astype(jnp.float32),
             "follower_residual": jnp.asarray(info["learner_loss"], jnp.float32),
@@ -358,12 +380,13 @@ def rlhf_sim_decoupled(optimizer: optax.GradientTransformation, learner: Learner
                                           lambda obs: learner.policy(lstate, obs),
                                           problem.pairs_per_epoch)
         buffer = push_pairs(state["buffer"], fresh, labels)
+        k_fit = jax.random.fold_in(k_pairs, 1)
         new_x, opt_state, grad_norm = _fit(problem, optimizer, x, state["opt"], buffer,
-                                           fit_steps)
+                                           fit_steps, k_fit)
         lstate, info = follow(learner, problem.sim, jax.lax.stop_gradient(new_x), None, lstate,
                               k_learn)
         labels_used = state["labels"] + problem.pairs_per_epoch
-        metrics = _evaluation(problem, x, buffer, state["heldout"], stats)
+        metrics = _evaluation(problem, x, buffer, state["heldout"], stats, k_fit)
         metrics.update({"grad_norm": grad_norm.astype(jnp.float32),
                         "follower_residual": jnp.asarray(info["loss"], jnp.float32),
                         "samples": stats["samples"],

@@ -37,6 +37,9 @@ RLHF_MINATAR_FIELDS = {
     "pairs_per_epoch": Field("int", 16, low=1, doc="new labelled pairs per iteration"),
     "buffer_size": Field("int", 3000, low=1, doc="FIFO buffer of the last labelled pairs"),
     "heldout_pairs": Field("int", 256, low=1, doc="held-out pairs for preference_accuracy"),
+    "fit_batch_size": Field("int", None, low=1, nullable=True,
+                            doc="pairs per reward step, drawn from the buffer (null: the "
+                                "whole buffer, the paper's)"),
     "max_episode_steps": Field("int", None, low=1, nullable=True,
                                doc="time limit of the episodes (null: the environment's)"),
     "true_reward": Field("bool", False,
@@ -77,7 +80,8 @@ def build_rlhf_minatar(section: dict):
         num_steps=section["num_steps"], initial_pairs=section["initial_pairs"],
         warmup_epochs=section["warmup_epochs"], pairs_per_epoch=section["pairs_per_epoch"],
         buffer_size=section["buffer_size"], heldout_pairs=section["heldout_pairs"],
-        max_episode_steps=section["max_episode_steps"])
+        max_episode_steps=section["max_episode_steps"],
+        fit_batch_size=section["fit_batch_size"])
     return problem, model.init(jax.random.key(section["seed"]))
 
 
