@@ -105,6 +105,33 @@ def test_reward_model_shapes_and_gradients(kind):
     assert float(jnp.linalg.norm(gflat)) > 0
 
 
+@pytest.mark.parametrize("kernel", [2, 3])
+def test_cnn_reward_model_matches_numpy_convolution(kernel):
+    """The CNN's convolution (shifted copies times the kernel) against a direct NumPy float64
+    SAME convolution (stride 1, TensorFlow/flax padding: the extra row/column at the end)."""
+    model = cnn_reward_model((6, 5, 3), 2, channels=(4,), kernel=kernel, hidden=(3,),
+                             dtype=jnp.float64)
+    params = model.init(jax.random.key(0))
+    conv = params["params"]["Conv_0"]
+    w, b = np.asarray(conv["kernel"]), np.asarray(conv["bias"]) + 0.1
+    dense = {k: np.asarray(v) for k, v in params["params"]["Dense_0"].items()}
+    head = {k: np.asarray(v) for k, v in params["params"]["Dense_1"].items()}
+    params = jax.tree_util.tree_map(jnp.asarray, {"params": {**params["params"], "Conv_0": {
+        "kernel": w, "bias": b}}})
+    image = np.random.default_rng(0).normal(size=(6, 5, 3))
+    low = (kernel - 1) // 2
+    padded = np.pad(image, ((low, kernel - 1 - low), (low, kernel - 1 - low), (0, 0)))
+    out = np.zeros((6, 5, 4))
+    for r in range(6):
+        for c in range(5):
+            out[r, c] = np.einsum("ijk,ijkf->f", padded[r:r + kernel, c:c + kernel], w) + b
+    h = np.maximum(np.maximum(out, 0).reshape(-1) @ dense["kernel"] + dense["bias"], 0)
+    expected = h @ head["kernel"] + head["bias"]
+    for a in range(2):
+        np.testing.assert_allclose(float(model.apply(params, jnp.asarray(image), a)),
+                                   expected[a], rtol=1e-10)
+
+
 # ----------------------------------------------------------------------------------------------
 # Segments
 # ----------------------------------------------------------------------------------------------
