@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import tempfile
@@ -93,3 +94,37 @@ def _to_builtin(value):
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     raise TypeError(f"not JSON serializable: {type(value)}")
+
+
+def run_job(job: dict, reuse: bool) -> dict:
+    """Runs one job (or reuses its finished directory); returns its wall and compile seconds."""
+    from bilevel_jax.runner import load_config, run_experiment
+
+    config = load_config(job["config"], job["overrides"] + [f"output.dir={job['directory']}"])
+    summary_path = os.path.join(job["directory"], "summary.json")
+    wall_path = os.path.join(job["directory"], "wall_seconds.json")
+    if reuse and os.path.exists(summary_path):
+        with open(summary_path) as handle:
+            summary = json.load(handle)
+        if (summary.get("iterations") == config["iterations"]
+                and summary.get("seeds") == list(config["seeds"])):
+            print(f"reusing {job['directory']}")
+            if not os.path.exists(wall_path):
+                return {"wall_seconds": math.nan, "compile_seconds": math.nan}
+            with open(wall_path) as handle:
+                return json.load(handle)
+    print(f"running {job['key']}: {' '.join(job['overrides'])}", flush=True)
+    result = run_experiment(config, progress=False)
+    times = {"wall_seconds": result.seconds, "compile_seconds": result.compile_seconds}
+    write_json(wall_path, times)
+    return times
+
+
+def mean_se(values) -> dict:
+    """Mean, standard error (ddof=1) and count of the finite values."""
+    values = np.asarray(values, float)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return {"mean": math.nan, "se": math.nan, "n": 0}
+    se = float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else 0.0
+    return {"mean": float(values.mean()), "se": se, "n": int(values.size)}

@@ -163,30 +163,6 @@ def plan(args) -> list[dict]:
     return jobs
 
 
-def run_job(job: dict, reuse: bool) -> dict:
-    """Runs one job (or reuses its finished directory); returns its wall and compile seconds."""
-    from bilevel_jax.runner import load_config, run_experiment
-
-    config = load_config(job["config"], job["overrides"] + [f"output.dir={job['directory']}"])
-    summary_path = os.path.join(job["directory"], "summary.json")
-    wall_path = os.path.join(job["directory"], "wall_seconds.json")
-    if reuse and os.path.exists(summary_path):
-        with open(summary_path) as handle:
-            summary = json.load(handle)
-        if (summary.get("iterations") == config["iterations"]
-                and summary.get("seeds") == list(config["seeds"])):
-            print(f"reusing {job['directory']}")
-            if not os.path.exists(wall_path):
-                return {"wall_seconds": math.nan, "compile_seconds": math.nan}
-            with open(wall_path) as handle:
-                return json.load(handle)
-    print(f"running {job['key']}: {' '.join(job['overrides'])}", flush=True)
-    result = run_experiment(config, progress=False)
-    times = {"wall_seconds": result.seconds, "compile_seconds": result.compile_seconds}
-    common.write_json(wall_path, times)
-    return times
-
-
 def read_metrics(directory: str) -> dict:
     """`metrics.csv` -> `{lam: {metric: [seeds, iterations] array}}` (NaN where not tracked)."""
     rows = {}
@@ -203,15 +179,6 @@ def read_metrics(directory: str) -> dict:
                                       for _, seed_rows in sorted(seeds.items())])
         out[lam] = metrics
     return out
-
-
-def _mean_se(values) -> dict:
-    values = np.asarray(values, float)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return {"mean": math.nan, "se": math.nan, "n": 0}
-    se = float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else 0.0
-    return {"mean": float(values.mean()), "se": se, "n": int(values.size)}
 
 
 def _final(per_seed: np.ndarray) -> np.ndarray:
@@ -235,9 +202,9 @@ def summarize(job: dict, times: dict) -> list[dict]:
         objective = metrics["objective"]
         row = {"key": job["key"], "method": job["method"], "lam": lam,
                "updates": job.get("updates"), "iterations": iterations, "seeds": len(seeds),
-               "F0": float(objective[0, 0]), "F": _mean_se(_final(objective)),
-               "best_F": _mean_se(np.nanmax(objective, axis=1)),
-               "rates": {name: _mean_se(metrics[name][:, -1]) for name in RATES},
+               "F0": float(objective[0, 0]), "F": common.mean_se(_final(objective)),
+               "best_F": common.mean_se(np.nanmax(objective, axis=1)),
+               "rates": {name: common.mean_se(metrics[name][:, -1]) for name in RATES},
                "seconds_per_iteration_all_runs": per_iteration,
                "seconds_per_run_iteration": per_iteration / num_runs,
                "wall_seconds": times["wall_seconds"], "compile_seconds": times["compile_seconds"],
@@ -486,7 +453,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     rows, curves = [], {}
     for job in plan(args):
-        times = run_job(job, args.reuse)
+        times = common.run_job(job, args.reuse)
         rows += summarize(job, times)
         if not job["key"].startswith("ablation"):
             curves[job["method"]] = read_metrics(job["directory"])

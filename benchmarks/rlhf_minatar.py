@@ -1,0 +1,320 @@
+"""RLHF on MinAtar (issue 14): PBRL against the decoupled pipeline, PPO on the true reward as
+the ceiling, at three annotator noise levels.
+
+    python benchmarks/rlhf_minatar.py [--quick] [--json PATH] [--envs breakout,space_invaders]
+                                      [--iterations N] [--seeds N] [--noise 0,0.5,2]
+                                      [--fit-batch-size B] [--runs-dir DIR] [--reuse] [--out DIR]
+
+Runs `configs/rlhf_minatar/<env>_{true_reward,decoupled,pbrl}.yaml` with the library's runner
+(each one compiled program over its noise levels x seeds, vmapped), with `iterations`, `seeds`,
+`problem.fit_batch_size` and the noise sweep overridden as given (the table titles say what ran),
+measures the uniform-random policy's episodic return on each game, then writes
+
+* `rlhf_minatar.md` and `rlhf_minatar.json` (`--json` elsewhere): per game, method and noise,
+  at each environment-step budget (a third, two thirds and all of the shortest run's steps), the
+  true episodic return of the policy (raw, and normalized as `(R - R_random) / (R_ceiling -
+  R_random)` with `R_ceiling` the true-reward PPO run at the same budget, mean over its seeds)
+  and the held-out preference accuracy, mean ± SE over seeds; the environment steps per second
+  of every loop and its ratio to the true-reward loop's (the overhead of preference learning,
+  target <= 1.5x);
+* `rlhf_minatar_curves.png`: normalized return and preference accuracy against environment
+  steps, per game, method and noise (SE bands).
+
+Environment steps per iteration are counted from the configs: the iteration's pair rollout
+(`problem.num_envs x num_steps`), the follower's training (`learner_options.num_updates x
+num_envs x num_steps`), and for PBRL the penalty estimate's rollouts of `pi_y` and `pi*`
+(`2 x algorithm.num_envs x num_steps`). A metric "at budget b" is its mean over the iterations
+whose cumulative steps lie in `(0.9 b, b]` (at least the last iteration at or below `b`).
+
+`--quick` (a few minutes, most of it compilation) runs Breakout only, 3 iterations, 2 seeds and
+noise 0, and writes `rlhf_minatar_quick.*`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+CONFIGS = os.path.join(ROOT, "configs", "rlhf_minatar")
+ENVS = {"breakout": "Breakout-MinAtar", "space_invaders": "SpaceInvaders-MinAtar"}
+METHODS = ("true_reward", "decoupled", "pbrl")
+LABELS = {"true_reward": "PPO on the true reward (ceiling)", "decoupled": "decoupled",
+          "pbrl": "PBRL (value penalty)"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--envs", default=None, help="comma-separated: breakout,space_invaders")
+    parser.add_argument("--iterations", type=int, default=None)
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--noise", default=None, help="comma-separated annotator noise levels")
+    parser.add_argument("--fit-batch-size", type=int, default=64,
+                        help="pairs per reward step (0: the whole buffer, the paper's)")
+    parser.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "rlhf_minatar"))
+    parser.add_argument("--reuse", action="store_true")
+    parser.add_argument("--out", default=RESULTS)
+    args = parser.parse_args(argv)
+    envs = args.envs or ("breakout" if args.quick else "breakout,space_invaders")
+    args.envs = [e.strip() for e in envs.split(",") if e.strip()]
+    unknown = [e for e in args.envs if e not in ENVS]
+    if unknown:
+        parser.error(f"--envs: expected names among {sorted(ENVS)}, got {unknown}")
+    args.iterations = args.iterations or (3 if args.quick else 300)
+    args.seeds = args.seeds or (2 if args.quick else 3)
+    noise = args.noise or ("0" if args.quick else "0,0.5,2")
+    try:
+        args.noise = [float(v) for v in noise.split(",")]
+    except ValueError:
+        parser.error(f"--noise: expected comma-separated numbers >= 0, got {noise!r}")
+    if any(not math.isfinite(v) or v < 0 for v in args.noise):
+        parser.error(f"--noise: expected numbers >= 0, got {noise!r}")
+    if args.iterations < 1 or args.seeds < 1 or args.fit_batch_size < 0:
+        parser.error("--iterations and --seeds: expected ints >= 1; --fit-batch-size >= 0")
+    return args
+
+
+def plan(args) -> list[dict]:
+    jobs = []
+    fit = "null" if args.fit_batch_size == 0 else str(args.fit_batch_size)
+    for env in args.envs:
+        for method in METHODS:
+            overrides = [f"iterations={args.iterations}", f"seeds={list(range(args.seeds))}",
+                         f"chunk_size={min(25, args.iterations)}"]
+            if method != "true_reward":
+                overrides += [f"problem.fit_batch_size={fit}",
+                              f"sweep={{problem.noise: {args.noise}}}"]
+            jobs.append({"key": f"{env}_{method}", "env": env, "method": method,
+                         "config": os.path.join(CONFIGS, f"{env}_{method}.yaml"),
+                         "overrides": overrides,
+                         "directory": os.path.join(args.runs_dir,
+                                                   f"{env}_{method}_{args.iterations}")})
+    return jobs
+
+
+def steps_per_iteration(config: dict) -> int:
+    """Environment steps of one iteration of a run of `config` (see the module doc)."""
+    problem, algorithm = config["problem"], config["algorithm"]
+    learner = algorithm["learner_options"] or {}
+    steps = problem["num_envs"] * problem["num_steps"]
+    steps += learner["num_updates"] * learner["num_envs"] * learner["num_steps"]
+    if algorithm["name"] == "pbrl":
+        steps += 2 * algorithm["num_envs"] * algorithm["num_steps"]
+    return int(steps)
+
+
+def random_return(env_key: str, num_envs: int = 64, num_steps: int = 2_000) -> dict:
+    """Mean undiscounted episodic return of the uniform policy (episodes that start and end
+    inside a `num_envs x num_steps` rollout)."""
+    import jax
+    import jax.numpy as jnp
+
+    from bilevel_jax.preferences_sim import episodic_returns
+    from bilevel_jax.runner.config import load_config
+    from bilevel_jax.runner.problems.rlhf_minatar import build_rlhf_minatar
+    from bilevel_jax.sim.rollout import rollout
+
+    config = load_config(os.path.join(CONFIGS, f"{env_key}_true_reward.yaml"))
+    problem, x0 = build_rlhf_minatar(config["problem"])
+    num_actions = problem.sim.env.action_space(problem.sim.env_params(None, None)).n
+    uniform = lambda obs: jnp.zeros((num_actions,), jnp.float32)  # noqa: E731
+    traj = jax.jit(lambda k: rollout(k, problem.sim, x0, None, uniform, num_envs, num_steps))(
+        jax.random.key(12345))
+    mean, count = episodic_returns(traj.reward, traj.time, traj.done)
+    return {"return": float(mean), "episodes": int(count)}
+
+
+def read_runs(directory: str) -> dict:
+    """`{noise: {metric: [seeds, iterations]}}` of a run directory (noise None: no sweep)."""
+    from bilevel_jax.runner.results import read_metrics_csv
+
+    with open(os.path.join(directory, "summary.json")) as handle:
+        summary = json.load(handle)
+    curves = read_metrics_csv(os.path.join(directory, "metrics.csv"), summary)
+    out = {}
+    for point in summary["points"]:
+        noise = point["values"].get("problem.noise")
+        out[None if noise is None else float(noise)] = curves[point["point"]]
+    return out
+
+
+def at_budget(per_seed: np.ndarray, cumulative: np.ndarray, budget: float) -> np.ndarray:
+    """Per seed, the mean of the metric over the iterations with steps in `(0.9 b, b]`."""
+    window = (cumulative <= budget) & (cumulative > 0.9 * budget)
+    if not window.any():
+        below = cumulative[cumulative <= budget]
+        window = cumulative == (below.max() if below.size else cumulative.min())
+    with np.errstate(all="ignore"):
+        return np.array([np.nanmean(series[window]) if np.isfinite(series[window]).any()
+                         else math.nan for series in per_seed])
+
+
+def summarize(jobs, times, configs, randoms) -> dict:
+    budgets_by_env, rows, speed = {}, [], []
+    for env in sorted({j["env"] for j in jobs}):
+        env_jobs = [j for j in jobs if j["env"] == env]
+        total = {j["method"]: steps_per_iteration(configs[j["key"]]) * configs[j["key"]]["iterations"]
+                 for j in env_jobs}
+        shortest = min(total.values())
+        budgets = [shortest / 3, 2 * shortest / 3, shortest]
+        budgets_by_env[env] = budgets
+        ceiling = {}
+        data = {}
+        for job in env_jobs:
+            per_it = steps_per_iteration(configs[job["key"]])
+            iterations = configs[job["key"]]["iterations"]
+            cumulative = per_it * np.arange(1, iterations + 1, dtype=float)
+            data[job["method"]] = (read_runs(job["directory"]), cumulative)
+            t = times[job["key"]]
+            runs = len(configs[job["key"]]["seeds"]) * max(1, len(data[job["method"]][0]))
+            seconds = t["wall_seconds"] - t["compile_seconds"]
+            speed.append({"env": env, "method": job["method"], "runs_in_program": runs,
+                          "steps_per_iteration": per_it,
+                          "wall_seconds": t["wall_seconds"], "compile_seconds": t["compile_seconds"],
+                          "env_steps_per_s_per_run": per_it * iterations / seconds
+                          if seconds > 0 else math.nan})
+        curves_true, cumulative_true = data["true_reward"]
+        true_curve = next(iter(curves_true.values()))["true_return"]
+        for b in budgets:
+            ceiling[b] = float(np.nanmean(at_budget(true_curve, cumulative_true, b)))
+        r_rand = randoms[env]["return"]
+        for method, (points, cumulative) in data.items():
+            for noise, metrics in sorted(points.items(), key=lambda kv: (kv[0] is not None, kv[0])):
+                for b in budgets:
+                    raw = at_budget(metrics["true_return"], cumulative, b)
+                    gap = ceiling[b] - r_rand
+                    normalized = (raw - r_rand) / gap if abs(gap) > 1e-9 else raw * math.nan
+                    accuracy = at_budget(metrics["preference_accuracy"], cumulative, b)
+                    rows.append({"env": env, "method": method, "noise": noise, "budget": b,
+                                 "return": common.mean_se(raw),
+                                 "normalized_return": common.mean_se(normalized),
+                                 "preference_accuracy": common.mean_se(accuracy),
+                                 "ceiling_return": ceiling[b], "random_return": r_rand})
+    base = {s["env"]: s["env_steps_per_s_per_run"] for s in speed if s["method"] == "true_reward"}
+    for s in speed:
+        s["overhead_vs_true_reward"] = base[s["env"]] / s["env_steps_per_s_per_run"]
+    return {"budgets": budgets_by_env, "rows": rows, "speed": speed}
+
+
+def fmt(stats: dict, digits: int = 2) -> str:
+    if not math.isfinite(stats["mean"]):
+        return "-"
+    return f"{stats['mean']:.{digits}f} ± {stats['se']:.{digits}f}"
+
+
+def markdown(result: dict, args) -> str:
+    protocol = (f"{args.iterations} iterations x {args.seeds} seeds, noise {args.noise}, "
+                f"reward steps on {args.fit_batch_size or 'all'} pairs")
+    short = "" if args.iterations >= 300 else (
+        f" (SHORT RUNS: {args.iterations} iterations of the configs' 300)")
+    lines = [f"# RLHF on MinAtar: PBRL against the decoupled pipeline{short}", "",
+             f"Generated by `python benchmarks/rlhf_minatar.py {' '.join(sys.argv[1:])}` "
+             f"({protocol}). Return = the true game score of the episodes that start and end "
+             f"inside the iteration's pair rollout; normalized = `(R - R_random) / (R_ceiling - "
+             f"R_random)`, `R_ceiling` the true-reward PPO run at the same budget (mean over "
+             f"seeds); accuracy on 256 held-out pairs (the ceiling never trains its reward "
+             f"model: its accuracy is the initial model's). Mean ± SE over seeds.", ""]
+    for env in sorted(result["budgets"]):
+        r_rand = next(r["random_return"] for r in result["rows"] if r["env"] == env)
+        lines += [f"## {ENVS[env]} (random policy: {r_rand:.3f})", "",
+                  "| method | noise | env steps | return | normalized | accuracy |",
+                  "|---|---|---|---|---|---|"]
+        for row in (r for r in result["rows"] if r["env"] == env):
+            noise = "-" if row["noise"] is None else f"{row['noise']:g}"
+            lines.append(f"| {LABELS[row['method']]} | {noise} | {row['budget']:,.0f} | "
+                         f"{fmt(row['return'])} | {fmt(row['normalized_return'])} | "
+                         f"{fmt(row['preference_accuracy'])} |")
+        lines.append("")
+    lines += ["## Speed of the whole loop", "",
+              "| game | method | runs in program | env steps/it | env steps/s per run | "
+              "overhead vs true reward (target <= 1.5x) | wall s (compile s) |",
+              "|---|---|---|---|---|---|---|"]
+    for s in result["speed"]:
+        lines.append(f"| {ENVS[s['env']]} | {LABELS[s['method']]} | {s['runs_in_program']} | "
+                     f"{s['steps_per_iteration']:,} | {s['env_steps_per_s_per_run']:,.0f} | "
+                     f"{s['overhead_vs_true_reward']:.2f}x | {s['wall_seconds']:.0f} "
+                     f"({s['compile_seconds']:.0f}) |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: str, jobs, configs, randoms, result) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    envs = sorted(result["budgets"])
+    fig, axes = plt.subplots(2, len(envs), figsize=(6 * len(envs), 7), squeeze=False)
+    for col, env in enumerate(envs):
+        curves = {}
+        for job in (j for j in jobs if j["env"] == env):
+            per_it = steps_per_iteration(configs[job["key"]])
+            curves[job["method"]] = (read_runs(job["directory"]),
+                                     per_it * np.arange(1, configs[job["key"]]["iterations"] + 1))
+        true_mean = np.nanmean(next(iter(curves["true_reward"][0].values()))["true_return"], 0)
+        r_rand = randoms[env]["return"]
+        for method, (points, steps) in curves.items():
+            for noise, metrics in points.items():
+                label = LABELS[method] + ("" if noise is None else f", noise {noise:g}")
+                for row, (name, values) in enumerate((("normalized return", metrics["true_return"]),
+                                                      ("accuracy", metrics["preference_accuracy"]))):
+                    if row == 0:
+                        n = min(values.shape[1], true_mean.size)
+                        gap = np.where(np.abs(true_mean[:n] - r_rand) > 1e-9, true_mean[:n] - r_rand, np.nan)
+                        values = (values[:, :n] - r_rand) / gap
+                        x = steps[:n]
+                    else:
+                        x = steps
+                    mean = np.nanmean(values, 0)
+                    se = np.nanstd(values, 0, ddof=1) / np.sqrt(values.shape[0]) if values.shape[0] > 1 else 0 * mean
+                    ax = axes[row, col]
+                    ax.plot(x, mean, label=label)
+                    ax.fill_between(x, mean - se, mean + se, alpha=0.2)
+                    ax.set_ylabel(name)
+        axes[0, col].set_title(ENVS[env])
+        axes[1, col].set_xlabel("environment steps")
+        axes[0, col].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    from bilevel_jax.runner import load_config
+
+    args = parse_args(argv)
+    jobs = plan(args)
+    times, configs = {}, {}
+    for job in jobs:
+        configs[job["key"]] = load_config(job["config"], job["overrides"])
+        times[job["key"]] = common.run_job(job, args.reuse)
+    randoms = {env: random_return(env) for env in args.envs}
+    result = summarize(jobs, times, configs, randoms)
+    result.update({"environment": common.environment(), "quick": args.quick,
+                   "protocol": {"iterations": args.iterations, "seeds": args.seeds,
+                                "noise": args.noise, "fit_batch_size": args.fit_batch_size or None,
+                                "envs": args.envs},
+                   "random_policy": randoms})
+    suffix = "_quick" if args.quick else ""
+    os.makedirs(args.out, exist_ok=True)
+    text = markdown(result, args)
+    with open(os.path.join(args.out, f"rlhf_minatar{suffix}.md"), "w") as handle:
+        handle.write(text)
+    plot(os.path.join(args.out, f"rlhf_minatar{suffix}_curves.png"), jobs, configs, randoms, result)
+    common.write_json(args.json or os.path.join(args.out, f"rlhf_minatar{suffix}.json"), result)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
