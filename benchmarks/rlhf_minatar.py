@@ -160,7 +160,17 @@ def at_budget(per_seed: np.ndarray, cumulative: np.ndarray, budget: float) -> np
                          else math.nan for series in per_seed])
 
 
-def summarize(jobs, times, configs, randoms) -> dict:
+def load_curves(jobs, configs) -> dict:
+    """`{job key: (curves of read_runs, cumulative env steps [iterations])}`, read once."""
+    out = {}
+    for job in jobs:
+        config = configs[job["key"]]
+        steps = steps_per_iteration(config) * np.arange(1, config["iterations"] + 1, dtype=float)
+        out[job["key"]] = (read_runs(job["directory"]), steps)
+    return out
+
+
+def summarize(jobs, times, configs, randoms, curves) -> dict:
     budgets_by_env, rows, speed = {}, [], []
     for env in sorted({j["env"] for j in jobs}):
         env_jobs = [j for j in jobs if j["env"] == env]
@@ -174,8 +184,7 @@ def summarize(jobs, times, configs, randoms) -> dict:
         for job in env_jobs:
             per_it = steps_per_iteration(configs[job["key"]])
             iterations = configs[job["key"]]["iterations"]
-            cumulative = per_it * np.arange(1, iterations + 1, dtype=float)
-            data[job["method"]] = (read_runs(job["directory"]), cumulative)
+            data[job["method"]] = curves[job["key"]]
             t = times[job["key"]]
             runs = len(configs[job["key"]]["seeds"]) * max(1, len(data[job["method"]][0]))
             seconds = t["wall_seconds"] - t["compile_seconds"]
@@ -248,7 +257,7 @@ def markdown(result: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(path: str, jobs, configs, randoms, result) -> None:
+def plot(path: str, jobs, randoms, result, loaded) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -256,11 +265,7 @@ def plot(path: str, jobs, configs, randoms, result) -> None:
     envs = sorted(result["budgets"])
     fig, axes = plt.subplots(2, len(envs), figsize=(6 * len(envs), 7), squeeze=False)
     for col, env in enumerate(envs):
-        curves = {}
-        for job in (j for j in jobs if j["env"] == env):
-            per_it = steps_per_iteration(configs[job["key"]])
-            curves[job["method"]] = (read_runs(job["directory"]),
-                                     per_it * np.arange(1, configs[job["key"]]["iterations"] + 1))
+        curves = {j["method"]: loaded[j["key"]] for j in jobs if j["env"] == env}
         true_mean = np.nanmean(next(iter(curves["true_reward"][0].values()))["true_return"], 0)
         r_rand = randoms[env]["return"]
         for method, (points, steps) in curves.items():
@@ -299,7 +304,8 @@ def main(argv=None) -> int:
         configs[job["key"]] = load_config(job["config"], job["overrides"])
         times[job["key"]] = common.run_job(job, args.reuse)
     randoms = {env: random_return(env) for env in args.envs}
-    result = summarize(jobs, times, configs, randoms)
+    curves = load_curves(jobs, configs)
+    result = summarize(jobs, times, configs, randoms, curves)
     result.update({"environment": common.environment(), "quick": args.quick,
                    "protocol": {"iterations": args.iterations, "seeds": args.seeds,
                                 "noise": args.noise, "fit_batch_size": args.fit_batch_size or None,
@@ -310,7 +316,8 @@ def main(argv=None) -> int:
     text = markdown(result, args)
     with open(os.path.join(args.out, f"rlhf_minatar{suffix}.md"), "w") as handle:
         handle.write(text)
-    plot(os.path.join(args.out, f"rlhf_minatar{suffix}_curves.png"), jobs, configs, randoms, result)
+    plot(os.path.join(args.out, f"rlhf_minatar{suffix}_curves.png"), jobs, randoms, result,
+         curves)
     common.write_json(args.json or os.path.join(args.out, f"rlhf_minatar{suffix}.json"), result)
     print(text)
     return 0

@@ -41,6 +41,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
 from flax import struct
 
@@ -85,8 +86,6 @@ def mlp_reward_model(obs_shape: Sequence[int], num_actions: int, hidden=(64, 64)
     """`r_x(obs, a)`: flattened observation -> tanh MLP (`hidden`) -> `[A]` -> entry `a`.
 
     Params are linen variables `{"params": ...}` (default linen initializers)."""
-    import flax.linen as nn
-
     obs_shape = tuple(int(d) for d in obs_shape)
     num_actions = _check_int("num_actions", num_actions, 1)
     hidden = _check_hidden("hidden", hidden)
@@ -113,37 +112,32 @@ def _module_reward_model(module, obs_shape: tuple, dtype) -> RewardModel:
     return RewardModel(init, apply)
 
 
-def _patch_conv_module():
-    import flax.linen as nn
+class PatchConv(nn.Module):
+    """`nn.Conv(features, (k, k), padding="SAME")` on one `[H, W, C]` image (stride 1, same
+    `kernel [k, k, C, F]` / `bias [F]` params and init), computed as the `k*k` shifted copies
+    of the padded image times the kernel, one dot.
 
-    class PatchConv(nn.Module):
-        """`nn.Conv(features, (k, k), padding="SAME")` on one `[H, W, C]` image (stride 1, same
-        `kernel [k, k, C, F]` / `bias [F]` params and init), computed as the `k*k` shifted copies
-        of the padded image times the kernel, one dot.
+    Why not `nn.Conv`: on XLA's CPU backend (jax 0.10.2) the kernel gradient of a convolution
+    inside a loop body (`lax.scan`: every reward fit) ran 14x slower than the same gradient
+    outside one (2.5 s against 0.19 s for 3,200 MinAtar frames); dots do not have that problem,
+    and the shifted copies of a 10 x 10 frame are small."""
 
-        Why not `nn.Conv`: on XLA's CPU backend (jax 0.10.2) the kernel gradient of a
-        convolution inside a loop body (`lax.scan`: every reward fit) ran 14x slower than the
-        same gradient outside one (2.5 s against 0.19 s for 3,200 MinAtar frames); dots do not
-        have that problem, and the shifted copies of a 10 x 10 frame are small."""
+    features: int
+    kernel: int
+    dtype: Any = jnp.float32
 
-        features: int
-        kernel: int
-        dtype: Any = jnp.float32
-
-        @nn.compact
-        def __call__(self, image):
-            k, channels = self.kernel, image.shape[-1]
-            weight = self.param("kernel", nn.initializers.lecun_normal(),
-                                (k, k, channels, self.features), self.dtype)
-            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
-            low = (k - 1) // 2       # SAME padding of a stride-1 convolution
-            height, width = image.shape[0], image.shape[1]
-            padded = jnp.pad(image, ((low, k - 1 - low), (low, k - 1 - low), (0, 0)))
-            patches = jnp.concatenate([padded[i:i + height, j:j + width]
-                                       for i in range(k) for j in range(k)], axis=-1)
-            return patches @ weight.reshape(k * k * channels, self.features) + bias
-
-    return PatchConv
+    @nn.compact
+    def __call__(self, image):
+        k, channels = self.kernel, image.shape[-1]
+        weight = self.param("kernel", nn.initializers.lecun_normal(),
+                            (k, k, channels, self.features), self.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+        low = (k - 1) // 2       # SAME padding of a stride-1 convolution
+        height, width = image.shape[0], image.shape[1]
+        padded = jnp.pad(image, ((low, k - 1 - low), (low, k - 1 - low), (0, 0)))
+        patches = jnp.concatenate([padded[i:i + height, j:j + width]
+                                   for i in range(k) for j in range(k)], axis=-1)
+        return patches @ weight.reshape(k * k * channels, self.features) + bias
 
 
 def cnn_reward_model(obs_shape: Sequence[int], num_actions: int, channels=(16,), kernel: int = 3,
@@ -151,8 +145,6 @@ def cnn_reward_model(obs_shape: Sequence[int], num_actions: int, channels=(16,),
     """`r_x(obs, a)` for image observations `[H, W, C]` (MinAtar): ReLU convolutions
     (`channels`, `kernel x kernel`, stride 1, SAME padding), flatten, ReLU dense `hidden`,
     linear `[A]`, entry `a`."""
-    import flax.linen as nn
-
     obs_shape = tuple(int(d) for d in obs_shape)
     if len(obs_shape) != 3:
         raise InvalidArgumentError(
@@ -161,7 +153,6 @@ def cnn_reward_model(obs_shape: Sequence[int], num_actions: int, channels=(16,),
     channels = _check_hidden("channels", channels)
     hidden = _check_hidden("hidden", hidden)
     kernel = _check_int("kernel", kernel, 1)
-    PatchConv = _patch_conv_module()
 
     class RewardCNN(nn.Module):
         @nn.compact

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import optax
-from absl.testing import parameterized
 from gymnax.environments import environment, spaces as gym_spaces
 
 import bilevel_jax as bj

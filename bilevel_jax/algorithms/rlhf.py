@@ -82,16 +82,20 @@ def _buffer_loss(problem: RLHFProblem, x, buffer):
 
 def _fit(problem: RLHFProblem, optimizer, x, opt_state, buffer, steps: int):
     """`steps` optimizer steps on the buffer's NLL; returns `(x, opt_state, first grad)`."""
-    return fit_loss(lambda p: _buffer_loss(problem, p, buffer), optimizer, x, opt_state, steps)
+    x, opt_state, _, grad_norm = fit_loss(lambda p: _buffer_loss(problem, p, buffer), optimizer,
+                                          x, opt_state, steps)
+    return x, opt_state, grad_norm
 
 
 def fit_loss(loss, optimizer, x, opt_state, steps: int, key=None):
     """`steps` optimizer steps on `loss(x)` (with `key`: `loss(x, key_i)`, a fresh key per
-    step) in one scan: `(x, opt_state, first grad norm)`."""
+    step) in one scan: `(x, opt_state, first loss, first grad norm)`, the first step's taken at
+    the given `x` (zeros when `steps == 0`)."""
     if steps == 0:
-        return x, opt_state, jnp.zeros((), jnp.float32)
-    x, opt_state, _, norms = fit(loss, optimizer, x, opt_state, steps, key)
-    return x, opt_state, norms[0]
+        zero = jnp.zeros((), jnp.float32)
+        return x, opt_state, zero, zero
+    x, opt_state, losses, norms = fit(loss, optimizer, x, opt_state, steps, key)
+    return x, opt_state, losses[0], norms[0]
 
 
 def _setup(problem: RLHFProblem, x0, key, optimizer):

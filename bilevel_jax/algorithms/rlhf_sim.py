@@ -39,7 +39,8 @@ reward to the follower).
 **Metrics** (of the policy that drew the iteration's pairs): `objective` and `true_return`: the
 mean undiscounted environment return of the episodes that start and end inside that rollout
 (NaN when none does); `env_reward`: its mean environment reward per step; `episodes`;
-`preference_accuracy` on the held-out pairs; `preference_loss`: the buffer's NLL at `x`;
+`preference_accuracy` on the held-out pairs; `preference_loss`: the buffer's NLL at `x` (the
+first reward step's, or PBRL's NLL gradient's: the same draw when `fit_batch_size` is set);
 `labels`: labels used so far (initial ones included); `grad_norm`, `follower_residual` (the
 learner's loss), `samples` (environment steps of the iteration), `nonfinite`; PBRL adds
 `penalty`, `rho`, `score_norm`.
@@ -246,7 +247,7 @@ def _buffer_loss(problem, x, buffer, key):
 
 def _fit(problem, optimizer, x, opt_state, buffer, steps: int, key):
     """`steps` optimizer steps on the buffer's NLL (whole-buffer or minibatch, `_buffer_loss`):
-    `(x, opt_state, first grad norm)`."""
+    `(x, opt_state, the NLL at the given x, first grad norm)`."""
     return fit_loss(lambda p, k: _buffer_loss(problem, p, buffer, k), optimizer, x, opt_state,
                     steps, key)
 
@@ -266,18 +267,20 @@ def _setup(problem: RLHFSimProblem, x0, key, optimizer, policy):
     if num_initial:
         buffer = push_pairs(buffer, take_pairs(pairs, num_held, num_held + num_initial),
                             labels[num_held:])
-        x, _, _ = _fit(problem, optimizer, x0, optimizer.init(x0), buffer,
-                       problem.warmup_epochs, jax.random.fold_in(sub, 1))
+        x, _, _, _ = _fit(problem, optimizer, x0, optimizer.init(x0), buffer,
+                          problem.warmup_epochs, jax.random.fold_in(sub, 1))
     return {"x": x, "key": key, "step": jnp.zeros((), jnp.int32), "buffer": buffer,
             "heldout": heldout, "labels": jnp.asarray(num_initial, jnp.int32)}
 
 
-def _evaluation(problem, x, buffer, heldout, stats, key):
+def _evaluation(problem, x, heldout, stats, buffer_loss):
+    """The iteration's metrics; `buffer_loss` is the buffer's NLL at `x`, as the step's fit or
+    gradient computed it (not evaluated again here)."""
     return {"objective": stats["true_return"], "true_return": stats["true_return"],
             "env_reward": stats["env_reward"], "episodes": stats["episodes"],
             "preference_accuracy": preference_accuracy(
                 problem.reward_fn, x, heldout["pairs"], heldout["gaps"]).astype(jnp.float32),
-            "preference_loss": _buffer_loss(problem, x, buffer, key).astype(jnp.float32)}
+            "preference_loss": jnp.asarray(buffer_loss, jnp.float32)}
 
 
 def _policy_fn(cfg: SamplePBRLConfig, problem: RLHFSimProblem):
@@ -328,7 +331,8 @@ def rlhf_sim_pbrl(optimizer: optax.GradientTransformation, learner: Learner,
                                              learner, cfg, leader_weight=0.0,
                                              penalty_weight=1.0)
         k_nll = jax.random.fold_in(k_pairs, 1)
-        nll_grad_x = jax.grad(lambda p: _buffer_loss(problem, p, buffer, k_nll))(x)
+        nll, nll_grad_x = jax.value_and_grad(
+            lambda p: _buffer_loss(problem, p, buffer, k_nll))(x)
         _, _, score = preference_gradients(problem.reward_fn, x, apply_pi, y0, fresh, labels,
                                            baseline=baseline)
         score = jax.tree_util.tree_map(lambda a: a[None], score)
@@ -339,7 +343,7 @@ def rlhf_sim_pbrl(optimizer: optax.GradientTransformation, learner: Learner,
         updates, opt_state = optimizer.update(grads, state["opt"], params)
         new = optax.apply_updates(params, updates)
         labels_used = state["labels"] + problem.pairs_per_epoch
-        metrics = _evaluation(problem, x, buffer, state["heldout"], stats, k_nll)
+        metrics = _evaluation(problem, x, state["heldout"], stats, nll)
         metrics.update({
             "grad_norm": global_norm(grads["x"]).astype(jnp.float32),
             "follower_residual": jnp.asarray(info["learner_loss"], jnp.float32),
@@ -381,12 +385,12 @@ def rlhf_sim_decoupled(optimizer: optax.GradientTransformation, learner: Learner
                                           problem.pairs_per_epoch)
         buffer = push_pairs(state["buffer"], fresh, labels)
         k_fit = jax.random.fold_in(k_pairs, 1)
-        new_x, opt_state, grad_norm = _fit(problem, optimizer, x, state["opt"], buffer,
-                                           fit_steps, k_fit)
+        new_x, opt_state, nll, grad_norm = _fit(problem, optimizer, x, state["opt"], buffer,
+                                                fit_steps, k_fit)
         lstate, info = follow(learner, problem.sim, jax.lax.stop_gradient(new_x), None, lstate,
                               k_learn)
         labels_used = state["labels"] + problem.pairs_per_epoch
-        metrics = _evaluation(problem, x, buffer, state["heldout"], stats, k_fit)
+        metrics = _evaluation(problem, x, state["heldout"], stats, nll)
         metrics.update({"grad_norm": grad_norm.astype(jnp.float32),
                         "follower_residual": jnp.asarray(info["loss"], jnp.float32),
                         "samples": stats["samples"],

@@ -3,7 +3,7 @@ the learned critics and baselines of the model-free estimators and the reward fi
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import optax
