@@ -97,7 +97,8 @@ def _to_builtin(value):
 
 
 def run_job(job: dict, reuse: bool) -> dict:
-    """Runs one job (or reuses its finished directory); returns its wall and compile seconds."""
+    """Runs one job (or reuses its finished directory); returns its wall and compile seconds,
+    and the seconds and iterations of its compiled loop alone (absent from older directories)."""
     from bilevel_jax.runner import load_config, run_experiment
 
     config = load_config(job["config"], job["overrides"] + [f"output.dir={job['directory']}"])
@@ -115,7 +116,8 @@ def run_job(job: dict, reuse: bool) -> dict:
                 return json.load(handle)
     print(f"running {job['key']}: {' '.join(job['overrides'])}", flush=True)
     result = run_experiment(config, progress=False)
-    times = {"wall_seconds": result.seconds, "compile_seconds": result.compile_seconds}
+    times = {"wall_seconds": result.seconds, "compile_seconds": result.compile_seconds,
+             "loop_seconds": result.loop_seconds, "loop_iterations": result.loop_iterations}
     write_json(wall_path, times)
     return times
 

@@ -3,7 +3,8 @@ the ceiling, at three annotator noise levels.
 
     python benchmarks/rlhf_minatar.py [--quick] [--json PATH] [--envs breakout,space_invaders]
                                       [--iterations N] [--seeds N] [--noise 0,0.5,2]
-                                      [--fit-batch-size B] [--runs-dir DIR] [--reuse] [--out DIR]
+                                      [--fit-batch-size B] [--speed-iterations N]
+                                      [--runs-dir DIR] [--reuse] [--out DIR]
 
 Runs `configs/rlhf_minatar/<env>_{true_reward,decoupled,pbrl}.yaml` with the library's runner
 (each one compiled program over its noise levels x seeds, vmapped), with `iterations`, `seeds`,
@@ -16,7 +17,10 @@ measures the uniform-random policy's episodic return on each game, then writes
   R_random)` with `R_ceiling` the true-reward PPO run at the same budget, mean over its seeds)
   and the held-out preference accuracy, mean ± SE over seeds; the environment steps per second
   of every loop and its ratio to the true-reward loop's (the overhead of preference learning,
-  target <= 1.5x);
+  target <= 1.5x), measured twice: over the whole runs above (init included, programs of
+  different sizes), and at steady state by separate short runs on the first game
+  (`--speed-iterations`, default 8; every loop with the same `--seeds` runs, noise 0, timed by
+  the runner over its compiled chunks alone);
 * `rlhf_minatar_curves.png`: normalized return and preference accuracy against environment
   steps, per game, method and noise (SE bands).
 
@@ -62,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--noise", default=None, help="comma-separated annotator noise levels")
     parser.add_argument("--fit-batch-size", type=int, default=64,
                         help="pairs per reward step (0: the whole buffer, the paper's)")
+    parser.add_argument("--speed-iterations", type=int, default=None,
+                        help="iterations of the steady-state speed runs (0: none)")
     parser.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "rlhf_minatar"))
     parser.add_argument("--reuse", action="store_true")
     parser.add_argument("--out", default=RESULTS)
@@ -73,6 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--envs: expected names among {sorted(ENVS)}, got {unknown}")
     args.iterations = args.iterations or (3 if args.quick else 300)
     args.seeds = args.seeds or (2 if args.quick else 3)
+    if args.speed_iterations is None:
+        args.speed_iterations = 0 if args.quick else 8
+    if args.speed_iterations < 0 or args.speed_iterations == 1:
+        parser.error(f"--speed-iterations: expected 0 or an int >= 2, got {args.speed_iterations}")
     noise = args.noise or ("0" if args.quick else "0,0.5,2")
     try:
         args.noise = [float(v) for v in noise.split(",")]
@@ -101,6 +111,43 @@ def plan(args) -> list[dict]:
                          "directory": os.path.join(args.runs_dir,
                                                    f"{env}_{method}_{args.iterations}")})
     return jobs
+
+
+def speed_plan(args) -> list[dict]:
+    """The steady-state speed runs: on the first game, each loop with the same runs in its
+    program (`--seeds` seeds, noise 0, no sweep), `--speed-iterations` iterations in two chunks,
+    timed by the runner over its compiled chunks alone (init, compilation and writing excluded)."""
+    if not args.speed_iterations:
+        return []
+    env, n = args.envs[0], args.speed_iterations
+    fit = "null" if args.fit_batch_size == 0 else str(args.fit_batch_size)
+    jobs = []
+    for method in METHODS:
+        overrides = [f"iterations={n}", f"seeds={list(range(args.seeds))}",
+                     f"chunk_size={n // 2}", "sweep={}"]
+        if method != "true_reward":
+            overrides += [f"problem.fit_batch_size={fit}", "problem.noise=0.0"]
+        jobs.append({"key": f"speed_{env}_{method}", "env": env, "method": method,
+                     "config": os.path.join(CONFIGS, f"{env}_{method}.yaml"),
+                     "overrides": overrides,
+                     "directory": os.path.join(args.runs_dir, f"speed_{env}_{method}_{n}")})
+    return jobs
+
+
+def steady_speed(jobs, times, configs) -> list[dict]:
+    rows = []
+    for job in jobs:
+        t = times[job["key"]]
+        per_it = steps_per_iteration(configs[job["key"]])
+        runs = len(configs[job["key"]]["seeds"])
+        loop = t.get("loop_seconds", math.nan) / max(t.get("loop_iterations", 0), 1)
+        rows.append({"env": job["env"], "method": job["method"], "runs_in_program": runs,
+                     "steps_per_iteration": per_it, "loop_seconds_per_iteration": loop,
+                     "env_steps_per_s_per_run": per_it * runs / loop if loop > 0 else math.nan})
+    base = {r["env"]: r["env_steps_per_s_per_run"] for r in rows if r["method"] == "true_reward"}
+    for r in rows:
+        r["overhead_vs_true_reward"] = base[r["env"]] / r["env_steps_per_s_per_run"]
+    return rows
 
 
 def steps_per_iteration(config: dict) -> int:
@@ -245,7 +292,21 @@ def markdown(result: dict, args) -> str:
                          f"{fmt(row['return'])} | {fmt(row['normalized_return'])} | "
                          f"{fmt(row['preference_accuracy'])} |")
         lines.append("")
-    lines += ["## Speed of the whole loop", "",
+    if result.get("steady_speed"):
+        n = args.speed_iterations
+        lines += [f"## Steady-state speed of the loop ({ENVS[result['steady_speed'][0]['env']]}; "
+                  f"every program {args.seeds} runs, noise 0, {n} iterations timed by the "
+                  f"runner over its compiled chunks: init, compilation and writing excluded)", "",
+                  "| method | env steps/it | s/it (all runs) | env steps/s per run | "
+                  "overhead vs true reward (target <= 1.5x) |", "|---|---|---|---|---|"]
+        for r in result["steady_speed"]:
+            lines.append(f"| {LABELS[r['method']]} | {r['steps_per_iteration']:,} | "
+                         f"{r['loop_seconds_per_iteration']:.2f} | "
+                         f"{r['env_steps_per_s_per_run']:,.0f} | "
+                         f"{r['overhead_vs_true_reward']:.2f}x |")
+        lines.append("")
+    lines += ["## Speed of the whole runs above (init included: warm-up epochs, pair rollouts; "
+              "programs of different sizes, on a shared machine)", "",
               "| game | method | runs in program | env steps/it | env steps/s per run | "
               "overhead vs true reward (target <= 1.5x) | wall s (compile s) |",
               "|---|---|---|---|---|---|---|"]
@@ -306,6 +367,11 @@ def main(argv=None) -> int:
     randoms = {env: random_return(env) for env in args.envs}
     curves = load_curves(jobs, configs)
     result = summarize(jobs, times, configs, randoms, curves)
+    speed_jobs = speed_plan(args)
+    for job in speed_jobs:
+        configs[job["key"]] = load_config(job["config"], job["overrides"])
+        times[job["key"]] = common.run_job(job, args.reuse)
+    result["steady_speed"] = steady_speed(speed_jobs, times, configs)
     result.update({"environment": common.environment(), "quick": args.quick,
                    "protocol": {"iterations": args.iterations, "seeds": args.seeds,
                                 "noise": args.noise, "fit_batch_size": args.fit_batch_size or None,

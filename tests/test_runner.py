@@ -293,6 +293,10 @@ def test_pbrl_run_with_traced_problem_keys_and_x0_noise(tmp_path, capsys):
     result = run_experiment(config, progress=False)
     printed = capsys.readouterr().out
     assert "1 compiled program," in printed and "penalty" in printed
+    # The compiled loop's own time (what benchmarks read for steady-state speed): every
+    # iteration of this invocation, within the whole run's time.
+    assert result.loop_iterations == 6
+    assert 0 < result.loop_seconds <= result.seconds
     summary = result.summary
     assert summary["metrics"] == ["objective", "grad_norm", "follower_residual", "samples",
                                   "best_response_gap", "penalized_objective", "penalty",

@@ -55,6 +55,8 @@ class RunResult:
     summary: dict
     seconds: float
     compile_seconds: float
+    loop_seconds: float = 0.0       # the compiled chunks alone (no init, compile or writing)
+    loop_iterations: int = 0        # iterations those chunks ran in this invocation
 
 
 # --------------------------------------------------------------------------------------------
@@ -620,7 +622,9 @@ def _run_locked(config: dict, *, resume: bool, checkpoint: dict | None, progress
     print(f"Run directory: {directory} (config.yaml, metrics.csv, summary.json, plots/, "
           f"{rio.CHECKPOINT}); {seconds:.1f} s in all, {compile_seconds:.1f} s compiling.",
           file=stream)
-    return RunResult(directory, summary, seconds, compile_seconds)
+    return RunResult(directory, summary, seconds, compile_seconds,
+                     loop_seconds=sum(g.seconds for g in groups),
+                     loop_iterations=max((g.iterations_timed for g in groups), default=0))
 
 
 def write_results(config: dict, points: list[dict], groups: list[Group], directory: str,
