@@ -21,8 +21,8 @@ measures the uniform-random policy's episodic return on each game, then writes
   different sizes), and at steady state by separate short runs on the first game
   (`--speed-iterations`, default 8; every loop with the same `--seeds` runs, noise 0, timed by
   the runner over its compiled chunks alone);
-* `rlhf_minatar_curves.png`: normalized return and preference accuracy against environment
-  steps, per game, method and noise (SE bands).
+* `rlhf_minatar_curves.png`: true episodic return (with the random policy's) and held-out
+  preference accuracy against environment steps, per game, method and noise (SE bands).
 
 Environment steps per iteration are counted from the configs: the iteration's pair rollout
 (`problem.num_envs x num_steps`), the follower's training (`learner_options.num_updates x
@@ -327,25 +327,23 @@ def plot(path: str, jobs, randoms, result, loaded) -> None:
     fig, axes = plt.subplots(2, len(envs), figsize=(6 * len(envs), 7), squeeze=False)
     for col, env in enumerate(envs):
         curves = {j["method"]: loaded[j["key"]] for j in jobs if j["env"] == env}
-        true_mean = np.nanmean(next(iter(curves["true_reward"][0].values()))["true_return"], 0)
         r_rand = randoms[env]["return"]
+        # Raw returns (the normalized ones divide by the ceiling's early, near-random gap).
+        axes[0, col].axhline(r_rand, color="gray", linestyle="--", linewidth=1,
+                             label="uniform random policy")
         for method, (points, steps) in curves.items():
             for noise, metrics in points.items():
                 label = LABELS[method] + ("" if noise is None else f", noise {noise:g}")
-                for row, (name, values) in enumerate((("normalized return", metrics["true_return"]),
-                                                      ("accuracy", metrics["preference_accuracy"]))):
-                    if row == 0:
-                        n = min(values.shape[1], true_mean.size)
-                        gap = np.where(np.abs(true_mean[:n] - r_rand) > 1e-9, true_mean[:n] - r_rand, np.nan)
-                        values = (values[:, :n] - r_rand) / gap
-                        x = steps[:n]
-                    else:
-                        x = steps
-                    mean = np.nanmean(values, 0)
-                    se = np.nanstd(values, 0, ddof=1) / np.sqrt(values.shape[0]) if values.shape[0] > 1 else 0 * mean
+                for row, (name, values) in enumerate((("true episodic return", metrics["true_return"]),
+                                                      ("held-out preference accuracy",
+                                                       metrics["preference_accuracy"]))):
+                    with np.errstate(all="ignore"):
+                        mean = np.nanmean(values, 0)
+                        se = (np.nanstd(values, 0, ddof=1) / np.sqrt(values.shape[0])
+                              if values.shape[0] > 1 else 0 * mean)
                     ax = axes[row, col]
-                    ax.plot(x, mean, label=label)
-                    ax.fill_between(x, mean - se, mean + se, alpha=0.2)
+                    ax.plot(steps, mean, label=label)
+                    ax.fill_between(steps, mean - se, mean + se, alpha=0.2)
                     ax.set_ylabel(name)
         axes[0, col].set_title(ENVS[env])
         axes[1, col].set_xlabel("environment steps")
