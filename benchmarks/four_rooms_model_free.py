@@ -23,6 +23,7 @@ error of the mean, its noise floor `||SE|| / ||reference||` (the check's power) 
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -39,11 +40,23 @@ import bilevel_jax as bj  # noqa: E402
 LAM = 0.05
 
 
-def measure(warm: int, num_estimates: int, num_envs: int, num_steps: int, critic_steps: int):
+@functools.lru_cache(maxsize=1)
+def _problem_and_x():
+    """`(tabular problem, its simulator, x)`, shared by every check."""
     problem, n = bj.envs.four_rooms_problem(temperature=LAM, dtype=jnp.float32)
-    simp = bj.sim.as_simulator(problem)
     x = 0.01 * jax.random.normal(jax.random.key(0), (n,), jnp.float32)
-    exact = np.asarray(jax.jit(lambda x: bj.hypergradient(problem, x, "exact")[0])(x))
+    return problem, bj.sim.as_simulator(problem), x
+
+
+@functools.lru_cache(maxsize=1)
+def _exact_gradient() -> np.ndarray:
+    problem, _, x = _problem_and_x()
+    return np.asarray(jax.jit(lambda x: bj.hypergradient(problem, x, "exact")[0])(x))
+
+
+def measure(warm: int, num_estimates: int, num_envs: int, num_steps: int, critic_steps: int):
+    _, simp, x = _problem_and_x()
+    exact = _exact_gradient()
     estimator = bj.make_estimator("hpgd", learner="soft_vi_tabular", num_envs=num_envs,
                                   num_steps=num_steps, critic_hidden=(64,),
                                   critic_steps=critic_steps, contexts="all",
@@ -74,12 +87,6 @@ def measure(warm: int, num_estimates: int, num_envs: int, num_steps: int, critic
 SE = 4.0
 
 
-def _problem_and_x():
-    problem, n = bj.envs.four_rooms_problem(temperature=LAM, dtype=jnp.float32)
-    x = 0.01 * jax.random.normal(jax.random.key(0), (n,), jnp.float32)
-    return problem, bj.sim.as_simulator(problem), x
-
-
 def _z_check(estimates, reference, atol=1e-6):
     """Max |mean - reference| / SE over coordinates (coordinates with no spread must match to
     `atol`), the noise floor `||SE|| / ||reference||` and the relative error of the mean."""
@@ -101,8 +108,8 @@ def _z_check(estimates, reference, atol=1e-6):
 
 def check_unbiased(num_estimates: int, num_envs: int, horizon: int):
     """Unbiased (branching, critic form) HPGD with the exact-policy learner: mean vs `exact`."""
-    problem, simp, x = _problem_and_x()
-    exact = jax.jit(lambda x: bj.hypergradient(problem, x, "exact")[0])(x)
+    _, simp, x = _problem_and_x()
+    exact = _exact_gradient()
     estimator = bj.make_estimator("hpgd", learner="soft_vi_tabular", unbiased=True,
                                   unbiased_form="critic", num_envs=num_envs, horizon=horizon,
                                   samples_per_trajectory=1, contexts="all",
@@ -185,8 +192,8 @@ def check_pbrl(num_estimates: int, num_envs: int, num_steps: int):
 def check_learning_follower(warm: int, warm_updates: int, num_estimates: int):
     """Default HPGD with a learning follower (`soft_q_tabular`, warm-started through the
     estimator state): cosine of the mean with `exact` (target >= 0.9)."""
-    problem, simp, x = _problem_and_x()
-    exact = np.asarray(jax.jit(lambda x: bj.hypergradient(problem, x, "exact")[0])(x))
+    _, simp, x = _problem_and_x()
+    exact = _exact_gradient()
     common_options = dict(num_envs=64, num_steps=200, critic_hidden=(64,), contexts="all",
                           estimate_variance=False, learner="soft_q_tabular")
     follower = dict(num_envs=16, step_exponent=0.6)

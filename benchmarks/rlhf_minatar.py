@@ -95,22 +95,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _job(args, env: str, method: str, key: str, directory: str, overrides: list[str],
+         noise_overrides: list[str]) -> dict:
+    """A run of `configs/rlhf_minatar/<env>_<method>.yaml`; the preference loops also get
+    `problem.fit_batch_size` and `noise_overrides` (the ceiling has no labels)."""
+    if method != "true_reward":
+        fit = "null" if args.fit_batch_size == 0 else str(args.fit_batch_size)
+        overrides = overrides + [f"problem.fit_batch_size={fit}", *noise_overrides]
+    return {"key": key, "env": env, "method": method,
+            "config": os.path.join(CONFIGS, f"{env}_{method}.yaml"), "overrides": overrides,
+            "directory": os.path.join(args.runs_dir, directory)}
+
+
 def plan(args) -> list[dict]:
-    jobs = []
-    fit = "null" if args.fit_batch_size == 0 else str(args.fit_batch_size)
-    for env in args.envs:
-        for method in METHODS:
-            overrides = [f"iterations={args.iterations}", f"seeds={list(range(args.seeds))}",
-                         f"chunk_size={min(25, args.iterations)}"]
-            if method != "true_reward":
-                overrides += [f"problem.fit_batch_size={fit}",
-                              f"sweep={{problem.noise: {args.noise}}}"]
-            jobs.append({"key": f"{env}_{method}", "env": env, "method": method,
-                         "config": os.path.join(CONFIGS, f"{env}_{method}.yaml"),
-                         "overrides": overrides,
-                         "directory": os.path.join(args.runs_dir,
-                                                   f"{env}_{method}_{args.iterations}")})
-    return jobs
+    return [_job(args, env, method, f"{env}_{method}", f"{env}_{method}_{args.iterations}",
+                 [f"iterations={args.iterations}", f"seeds={list(range(args.seeds))}",
+                  f"chunk_size={min(25, args.iterations)}"],
+                 [f"sweep={{problem.noise: {args.noise}}}"])
+            for env in args.envs for method in METHODS]
 
 
 def speed_plan(args) -> list[dict]:
@@ -120,18 +122,18 @@ def speed_plan(args) -> list[dict]:
     if not args.speed_iterations:
         return []
     env, n = args.envs[0], args.speed_iterations
-    fit = "null" if args.fit_batch_size == 0 else str(args.fit_batch_size)
-    jobs = []
-    for method in METHODS:
-        overrides = [f"iterations={n}", f"seeds={list(range(args.seeds))}",
-                     f"chunk_size={n // 2}", "sweep={}"]
-        if method != "true_reward":
-            overrides += [f"problem.fit_batch_size={fit}", "problem.noise=0.0"]
-        jobs.append({"key": f"speed_{env}_{method}", "env": env, "method": method,
-                     "config": os.path.join(CONFIGS, f"{env}_{method}.yaml"),
-                     "overrides": overrides,
-                     "directory": os.path.join(args.runs_dir, f"speed_{env}_{method}_{n}")})
-    return jobs
+    return [_job(args, env, method, f"speed_{env}_{method}", f"speed_{env}_{method}_{n}",
+                 [f"iterations={n}", f"seeds={list(range(args.seeds))}", f"chunk_size={n // 2}",
+                  "sweep={}"], ["problem.noise=0.0"])
+            for method in METHODS]
+
+
+def _add_overhead(rows: list[dict]) -> list[dict]:
+    """Each row's `overhead_vs_true_reward`: its game's true-reward rate over its own."""
+    base = {r["env"]: r["env_steps_per_s_per_run"] for r in rows if r["method"] == "true_reward"}
+    for r in rows:
+        r["overhead_vs_true_reward"] = base[r["env"]] / r["env_steps_per_s_per_run"]
+    return rows
 
 
 def steady_speed(jobs, times, configs) -> list[dict]:
@@ -144,10 +146,7 @@ def steady_speed(jobs, times, configs) -> list[dict]:
         rows.append({"env": job["env"], "method": job["method"], "runs_in_program": runs,
                      "steps_per_iteration": per_it, "loop_seconds_per_iteration": loop,
                      "env_steps_per_s_per_run": per_it * runs / loop if loop > 0 else math.nan})
-    base = {r["env"]: r["env_steps_per_s_per_run"] for r in rows if r["method"] == "true_reward"}
-    for r in rows:
-        r["overhead_vs_true_reward"] = base[r["env"]] / r["env_steps_per_s_per_run"]
-    return rows
+    return _add_overhead(rows)
 
 
 def steps_per_iteration(config: dict) -> int:
@@ -257,10 +256,7 @@ def summarize(jobs, times, configs, randoms, curves) -> dict:
                                  "normalized_return": common.mean_se(normalized),
                                  "preference_accuracy": common.mean_se(accuracy),
                                  "ceiling_return": ceiling[b], "random_return": r_rand})
-    base = {s["env"]: s["env_steps_per_s_per_run"] for s in speed if s["method"] == "true_reward"}
-    for s in speed:
-        s["overhead_vs_true_reward"] = base[s["env"]] / s["env_steps_per_s_per_run"]
-    return {"budgets": budgets_by_env, "rows": rows, "speed": speed}
+    return {"budgets": budgets_by_env, "rows": rows, "speed": _add_overhead(speed)}
 
 
 def fmt(stats: dict, digits: int = 2) -> str:
