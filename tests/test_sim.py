@@ -311,7 +311,8 @@ def test_soft_q_tabular_vmaps_over_seeds_and_refuses_bad_options():
     single = jax.jit(fit)
     for i in range(2):
         np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(single(keys[i])), rtol=1e-6)
-    for name, value in (("num_envs", 0), ("num_updates", -1), ("epsilon", 1.5), ("step_exponent", 0.4)):
+    for name, value in (("num_envs", 0), ("num_updates", -1), ("epsilon", 1.5), ("step_exponent", 0.4),
+                        ("step_scale", 0.0)):
         with pytest.raises(bj.InvalidArgumentError, match=f"^{name}:"):
             bj.make_learner("soft_q_tabular", **{name: value})
     with pytest.raises(bj.InvalidArgumentError, match="^learner:"):
