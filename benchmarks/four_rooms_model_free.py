@@ -244,7 +244,7 @@ def main():
             "soft_q_tabular", SOFT_Q, warm=5 if args.quick else 30, warm_updates=2000,
             num_estimates=16),
         "learning_follower_dqn": check_learning_follower(
-            "soft_dqn", SOFT_DQN, warm=2 if args.quick else 8, warm_updates=1000,
+            "soft_dqn", SOFT_DQN, warm=4 if args.quick else 24, warm_updates=1000,
             num_estimates=16),
     }
     title = ("Four-Rooms model-free HPGD vs exact" + (" [quick: fewer warm steps and estimates "

@@ -4,7 +4,7 @@ the ceiling, at three annotator noise levels.
     python benchmarks/rlhf_minatar.py [--quick] [--json PATH] [--envs breakout,space_invaders]
                                       [--iterations N] [--seeds N] [--noise 0,0.5,2]
                                       [--fit-batch-size B] [--speed-iterations N]
-                                      [--runs-dir DIR] [--reuse] [--out DIR]
+                                      [--speed-only] [--runs-dir DIR] [--reuse] [--out DIR]
 
 Runs `configs/rlhf_minatar/<env>_{true_reward,decoupled,pbrl}.yaml` with the library's runner
 (each one compiled program over its noise levels x seeds, vmapped), with `iterations`, `seeds`,
@@ -19,8 +19,10 @@ measures the uniform-random policy's episodic return on each game, then writes
   of every loop and its ratio to the true-reward loop's (the overhead of preference learning,
   target <= 1.5x), measured twice: over the whole runs above (init included, programs of
   different sizes), and at steady state by separate short runs on the first game
-  (`--speed-iterations`, default 8; every loop with the same `--seeds` runs, noise 0, timed by
-  the runner over its compiled chunks alone);
+  (`--speed-iterations`, default 20; every loop with the same `--seeds` runs, noise 0, timed by
+  the runner over its compiled chunks alone; `output.final_fraction=0.1`, so that the configs'
+  `track_every: 10` evaluates the held-out accuracy on 4 of the 20 iterations, the share of a
+  300-iteration run's 57);
 * `rlhf_minatar_curves.png`: true episodic return (with the random policy's) and held-out
   preference accuracy against environment steps, per game, method and noise (SE bands).
 
@@ -31,7 +33,8 @@ num_envs x num_steps`), and for PBRL the penalty estimate's rollouts of `pi_y` a
 whose cumulative steps lie in `(0.9 b, b]` (at least the last iteration at or below `b`).
 
 `--quick` (a few minutes, most of it compilation) runs Breakout only, 3 iterations, 2 seeds and
-noise 0, and writes `rlhf_minatar_quick.*`.
+noise 0, and writes `rlhf_minatar_quick.*`. `--speed-only` runs the steady-state speed runs
+alone and writes `rlhf_minatar_speed.{md,json}`.
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="pairs per reward step (0: the whole buffer, the paper's)")
     parser.add_argument("--speed-iterations", type=int, default=None,
                         help="iterations of the steady-state speed runs (0: none)")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="only the steady-state speed runs (rlhf_minatar_speed.*)")
     parser.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "rlhf_minatar"))
     parser.add_argument("--reuse", action="store_true")
     parser.add_argument("--out", default=RESULTS)
@@ -80,9 +85,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.iterations = args.iterations or (3 if args.quick else 300)
     args.seeds = args.seeds or (2 if args.quick else 3)
     if args.speed_iterations is None:
-        args.speed_iterations = 0 if args.quick else 8
+        args.speed_iterations = 0 if args.quick else 20
     if args.speed_iterations < 0 or args.speed_iterations == 1:
         parser.error(f"--speed-iterations: expected 0 or an int >= 2, got {args.speed_iterations}")
+    if args.speed_only and not args.speed_iterations:
+        parser.error("--speed-only: needs --speed-iterations >= 2")
     noise = args.noise or ("0" if args.quick else "0,0.5,2")
     try:
         args.noise = [float(v) for v in noise.split(",")]
@@ -124,7 +131,7 @@ def speed_plan(args) -> list[dict]:
     env, n = args.envs[0], args.speed_iterations
     return [_job(args, env, method, f"speed_{env}_{method}", f"speed_{env}_{method}_{n}",
                  [f"iterations={n}", f"seeds={list(range(args.seeds))}", f"chunk_size={n // 2}",
-                  "sweep={}"], ["problem.noise=0.0"])
+                  "sweep={}", "output.final_fraction=0.1"], ["problem.noise=0.0"])
             for method in METHODS]
 
 
@@ -265,6 +272,24 @@ def fmt(stats: dict, digits: int = 2) -> str:
     return f"{stats['mean']:.{digits}f} ± {stats['se']:.{digits}f}"
 
 
+def speed_markdown(result: dict, args) -> list[str]:
+    if not result.get("steady_speed"):
+        return []
+    n = args.speed_iterations
+    lines = [f"## Steady-state speed of the loop ({ENVS[result['steady_speed'][0]['env']]}; "
+             f"every program {args.seeds} runs, noise 0, {n} iterations timed by the runner "
+             f"over its compiled chunks: init, compilation and writing excluded; held-out "
+             f"accuracy on the configs' track_every schedule)", "",
+             "| method | env steps/it | s/it (all runs) | env steps/s per run | "
+             "overhead vs true reward (target <= 1.5x) |", "|---|---|---|---|---|"]
+    for r in result["steady_speed"]:
+        lines.append(f"| {LABELS[r['method']]} | {r['steps_per_iteration']:,} | "
+                     f"{r['loop_seconds_per_iteration']:.2f} | "
+                     f"{r['env_steps_per_s_per_run']:,.0f} | "
+                     f"{r['overhead_vs_true_reward']:.2f}x |")
+    return lines + [""]
+
+
 def markdown(result: dict, args) -> str:
     protocol = (f"{args.iterations} iterations x {args.seeds} seeds, noise {args.noise}, "
                 f"reward steps on {args.fit_batch_size or 'all'} pairs")
@@ -288,19 +313,7 @@ def markdown(result: dict, args) -> str:
                          f"{fmt(row['return'])} | {fmt(row['normalized_return'])} | "
                          f"{fmt(row['preference_accuracy'])} |")
         lines.append("")
-    if result.get("steady_speed"):
-        n = args.speed_iterations
-        lines += [f"## Steady-state speed of the loop ({ENVS[result['steady_speed'][0]['env']]}; "
-                  f"every program {args.seeds} runs, noise 0, {n} iterations timed by the "
-                  f"runner over its compiled chunks: init, compilation and writing excluded)", "",
-                  "| method | env steps/it | s/it (all runs) | env steps/s per run | "
-                  "overhead vs true reward (target <= 1.5x) |", "|---|---|---|---|---|"]
-        for r in result["steady_speed"]:
-            lines.append(f"| {LABELS[r['method']]} | {r['steps_per_iteration']:,} | "
-                         f"{r['loop_seconds_per_iteration']:.2f} | "
-                         f"{r['env_steps_per_s_per_run']:,.0f} | "
-                         f"{r['overhead_vs_true_reward']:.2f}x |")
-        lines.append("")
+    lines += speed_markdown(result, args)
     lines += ["## Speed of the whole runs above (init included: warm-up epochs, pair rollouts; "
               "programs of different sizes, on a shared machine)", "",
               "| game | method | runs in program | env steps/it | env steps/s per run | "
@@ -337,9 +350,13 @@ def plot(path: str, jobs, randoms, result, loaded) -> None:
                         mean = np.nanmean(values, 0)
                         se = (np.nanstd(values, 0, ddof=1) / np.sqrt(values.shape[0])
                               if values.shape[0] > 1 else 0 * mean)
+                    # the accuracy is NaN off the configs' track_every schedule: join the
+                    # evaluated iterations
+                    shown = np.isfinite(mean)
                     ax = axes[row, col]
-                    ax.plot(steps, mean, label=label)
-                    ax.fill_between(steps, mean - se, mean + se, alpha=0.2)
+                    ax.plot(steps[shown], mean[shown], label=label)
+                    ax.fill_between(steps[shown], (mean - se)[shown], (mean + se)[shown],
+                                    alpha=0.2)
                     ax.set_ylabel(name)
         axes[0, col].set_title(ENVS[env])
         axes[1, col].set_xlabel("environment steps")
@@ -349,12 +366,36 @@ def plot(path: str, jobs, randoms, result, loaded) -> None:
     plt.close(fig)
 
 
+def speed_only(args, times, configs) -> int:
+    from bilevel_jax.runner import load_config
+
+    jobs = speed_plan(args)
+    for job in jobs:
+        configs[job["key"]] = load_config(job["config"], job["overrides"])
+        times[job["key"]] = common.run_job(job, args.reuse)
+    result = {"steady_speed": steady_speed(jobs, times, configs),
+              "environment": common.environment(), "argv": sys.argv[1:],
+              "protocol": {"speed_iterations": args.speed_iterations, "seeds": args.seeds,
+                           "fit_batch_size": args.fit_batch_size or None}}
+    text = "\n".join([f"# RLHF on MinAtar: steady-state speed (`python benchmarks/"
+                      f"rlhf_minatar.py {' '.join(sys.argv[1:])}`)", ""]
+                     + speed_markdown(result, args)) + "\n"
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "rlhf_minatar_speed.md"), "w") as handle:
+        handle.write(text)
+    common.write_json(args.json or os.path.join(args.out, "rlhf_minatar_speed.json"), result)
+    print(text)
+    return 0
+
+
 def main(argv=None) -> int:
     from bilevel_jax.runner import load_config
 
     args = parse_args(argv)
-    jobs = plan(args)
     times, configs = {}, {}
+    if args.speed_only:
+        return speed_only(args, times, configs)
+    jobs = plan(args)
     for job in jobs:
         configs[job["key"]] = load_config(job["config"], job["overrides"])
         times[job["key"]] = common.run_job(job, args.reuse)

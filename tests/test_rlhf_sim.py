@@ -339,6 +339,37 @@ def test_minibatch_reward_loss_is_unbiased_over_the_filled_slots():
         make_problem(num_envs=4, fit_batch_size=0)
 
 
+def test_reward_fit_and_accuracy_vmap_over_members_as_they_run_alone():
+    """`_fit` and the held-out accuracy run their vmapped members one after another on CPU
+    (`jax.custom_batching.sequential_vmap`): vmapped over two reward models they give what
+    each gives alone (jit, fit with minibatches of the buffer and with all of it)."""
+    from bilevel_jax.algorithms.rlhf_sim import _evaluation, _fit
+    for fit_batch_size in (None, 3):
+        problem = make_problem(num_envs=8, num_steps=6, segment_length=2,
+                               fit_batch_size=fit_batch_size)
+        policy = lambda obs: table_policy(jnp.asarray(Y_NP), obs)  # noqa: E731
+        pairs, labels, stats = jax.jit(lambda k: draw_pairs(problem, k, jnp.zeros((S, A)),
+                                                            policy, 9))(jax.random.key(0))
+        buf = push_pairs(empty_buffer(16, pairs, labels.dtype), pairs, labels)
+        gaps = true_returns(pairs)
+        heldout = {"pairs": pairs, "gaps": gaps[:, 0] - gaps[:, 1]}
+        opt = optax.adam(0.1)
+        xs = jnp.stack([jnp.asarray(X_NP), -jnp.asarray(X_NP)])
+        keys = jax.random.split(jax.random.key(1), 2)
+
+        def member(x, key):
+            x_new, _, nll, grad_norm = _fit(problem, opt, x, opt.init(x), buf, 3, key)
+            return x_new, nll, grad_norm, _evaluation(problem, x_new, heldout, stats, nll,
+                                                      True)["preference_accuracy"]
+
+        batched = jax.jit(jax.vmap(member))(xs, keys)
+        for i in range(2):
+            alone = jax.jit(member)(xs[i], keys[i])
+            for b, a in zip(batched, alone):
+                np.testing.assert_allclose(np.asarray(b[i]), np.asarray(a), rtol=1e-5, atol=1e-7)
+        assert not np.allclose(np.asarray(batched[0][0]), np.asarray(batched[0][1]))
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad inputs
 # ----------------------------------------------------------------------------------------------
@@ -371,9 +402,11 @@ def _learner():
 
 
 # One algorithm per case (each costs its compilation): both algorithms fit through the same
-# `fit_batch_size` branch, so each branch is run once.
-@pytest.mark.parametrize("name, fit_batch_size", [("pbrl", 8), ("decoupled", None)])
-def test_algorithms_run_and_report(name, fit_batch_size):
+# `fit_batch_size` branch and evaluate through the same `track_accuracy` switch, so each
+# branch is run once.
+@pytest.mark.parametrize("name, fit_batch_size, track_accuracy",
+                         [("pbrl", 8, True), ("decoupled", None, False)])
+def test_algorithms_run_and_report(name, fit_batch_size, track_accuracy):
     problem = make_problem(num_envs=6, num_steps=8, segment_length=3, initial_pairs=16,
                            warmup_epochs=30, buffer_size=24, noise=0.3,
                            fit_batch_size=fit_batch_size)
@@ -382,9 +415,10 @@ def test_algorithms_run_and_report(name, fit_batch_size):
     cfg = SamplePBRLConfig(num_envs=2, num_steps=4, policy_hidden=(), baseline_hidden=(4,),
                            baseline_steps=1)
     if name == "pbrl":
-        algo = rlhf_sim_pbrl(opt, _learner(), cfg, rho_0=1.0, rho_max=10.0, ramp_iters=2)
+        algo = rlhf_sim_pbrl(opt, _learner(), cfg, rho_0=1.0, rho_max=10.0, ramp_iters=2,
+                             track_accuracy=track_accuracy)
     else:
-        algo = rlhf_sim_decoupled(opt, _learner(), fit_steps=2)
+        algo = rlhf_sim_decoupled(opt, _learner(), fit_steps=2, track_accuracy=track_accuracy)
     state = jax.jit(algo.init)(problem, x0, jax.random.key(0))
     # The warm-up fitted the initial pairs: their NLL fell from log 2 (at x0 = 0).
     nll = lambda x: bradley_terry_nll(problem.reward_fn, x, state["buffer"].pairs,  # noqa: E731
@@ -402,6 +436,8 @@ def test_algorithms_run_and_report(name, fit_batch_size):
     assert float(metrics["labels"]) == 16 + 2 * 4
     assert int(state["buffer"].count) == 16 + 2 * 4
     assert np.isfinite(float(metrics["preference_loss"]))
+    # The held-out accuracy only when tracked (NaN otherwise: the runner's track_every schedule).
+    assert np.isfinite(float(metrics["preference_accuracy"])) == track_accuracy
     if name == "pbrl":
         assert float(metrics["score_norm"]) > 0 and np.isfinite(float(metrics["penalty"]))
 

@@ -8,6 +8,12 @@ learner trained on the environment's own reward (`rlhf_sim_true_reward`, no labe
 The leader's `x0` is the reward model's linen initialization with key `seed` (a CNN for the
 MinAtar frames, or an MLP over the flattened observation); `x0_noise` perturbs it per seed.
 The environment's reward is hidden from the follower; only the synthetic annotator reads it.
+
+`algorithm.track_objective` here is the held-out `preference_accuracy` (the objective, the
+true return of the iteration's rollout, costs nothing). Evaluating it is a CNN over more frames
+than a PPO update's rollout, so the configs evaluate it on a schedule: `track_every: k` computes
+it every k-th iteration and over the final window, and reports it (and `objective`) as NaN on
+the other iterations; `true_return` is reported on every iteration.
 """
 
 from __future__ import annotations
@@ -105,11 +111,13 @@ def make_rlhf_minatar_algorithm(config: dict, optimizer, section: dict):
                                baseline_steps=section["baseline_steps"], score_terms=False)
         return rlhf_sim_pbrl(optimizer, learner, cfg, rho_0=section["rho_0"],
                              rho_max=section["rho_max"],
-                             ramp_iters=section["ramp_iters"] or config["iterations"])
+                             ramp_iters=section["ramp_iters"] or config["iterations"],
+                             track_accuracy=section["track_objective"])
     if section["name"] == "decoupled":
         if true_reward:
-            return rlhf_sim_true_reward(learner)
-        return rlhf_sim_decoupled(optimizer, learner, fit_steps=section["fit_steps"])
+            return rlhf_sim_true_reward(learner, track_accuracy=section["track_objective"])
+        return rlhf_sim_decoupled(optimizer, learner, fit_steps=section["fit_steps"],
+                                  track_accuracy=section["track_objective"])
     raise ConfigError(f"algorithm.name: problem 'rlhf_minatar' runs one of ['pbrl', "
                       f"'decoupled'], got {section['name']!r}")
 
