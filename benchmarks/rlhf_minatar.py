@@ -30,7 +30,9 @@ Environment steps per iteration are counted from the configs: the iteration's pa
 (`problem.num_envs x num_steps`), the follower's training (`learner_options.num_updates x
 num_envs x num_steps`), and for PBRL the penalty estimate's rollouts of `pi_y` and `pi*`
 (`2 x algorithm.num_envs x num_steps`). A metric "at budget b" is its mean over the iterations
-whose cumulative steps lie in `(0.9 b, b]` (at least the last iteration at or below `b`).
+whose cumulative steps lie in `(0.9 b, b]` (at least the last iteration at or below `b`; for
+the held-out accuracy, evaluated on the configs' `track_every` schedule, the last evaluation at
+or below `b` where the window holds none).
 
 `--quick` (a few minutes, most of it compilation) runs Breakout only, 3 iterations, 2 seeds and
 noise 0, and writes `rlhf_minatar_quick.*`. `--speed-only` runs the steady-state speed runs
@@ -203,14 +205,22 @@ def read_runs(directory: str) -> dict:
 
 
 def at_budget(per_seed: np.ndarray, cumulative: np.ndarray, budget: float) -> np.ndarray:
-    """Per seed, the mean of the metric over the iterations with steps in `(0.9 b, b]`."""
+    """Per seed, the mean of the metric over the iterations with steps in `(0.9 b, b]`; where
+    none of them has a finite value (the held-out accuracy off the `track_every` schedule), the
+    last finite value at or below `b`."""
     window = (cumulative <= budget) & (cumulative > 0.9 * budget)
     if not window.any():
         below = cumulative[cumulative <= budget]
         window = cumulative == (below.max() if below.size else cumulative.min())
+
+    def one(series):
+        if np.isfinite(series[window]).any():
+            return np.nanmean(series[window])
+        earlier = np.flatnonzero(np.isfinite(series) & (cumulative <= budget))
+        return series[earlier[-1]] if earlier.size else math.nan
+
     with np.errstate(all="ignore"):
-        return np.array([np.nanmean(series[window]) if np.isfinite(series[window]).any()
-                         else math.nan for series in per_seed])
+        return np.array([one(series) for series in per_seed])
 
 
 def load_curves(jobs, configs) -> dict:
