@@ -376,13 +376,18 @@ def plot(path: str, jobs, randoms, result, loaded) -> None:
     plt.close(fig)
 
 
-def speed_only(args, times, configs) -> int:
+def run_jobs(jobs, args, times: dict, configs: dict) -> None:
+    """Runs (or with `--reuse` reuses) each job, filling `configs` and `times` by job key."""
     from bilevel_jax.runner import load_config
 
-    jobs = speed_plan(args)
     for job in jobs:
         configs[job["key"]] = load_config(job["config"], job["overrides"])
         times[job["key"]] = common.run_job(job, args.reuse)
+
+
+def speed_only(args, times, configs) -> int:
+    jobs = speed_plan(args)
+    run_jobs(jobs, args, times, configs)
     result = {"steady_speed": steady_speed(jobs, times, configs),
               "environment": common.environment(), "argv": sys.argv[1:],
               "protocol": {"speed_iterations": args.speed_iterations, "seeds": args.seeds,
@@ -399,23 +404,17 @@ def speed_only(args, times, configs) -> int:
 
 
 def main(argv=None) -> int:
-    from bilevel_jax.runner import load_config
-
     args = parse_args(argv)
     times, configs = {}, {}
     if args.speed_only:
         return speed_only(args, times, configs)
     jobs = plan(args)
-    for job in jobs:
-        configs[job["key"]] = load_config(job["config"], job["overrides"])
-        times[job["key"]] = common.run_job(job, args.reuse)
+    run_jobs(jobs, args, times, configs)
     randoms = {env: random_return(env) for env in args.envs}
     curves = load_curves(jobs, configs)
     result = summarize(jobs, times, configs, randoms, curves)
     speed_jobs = speed_plan(args)
-    for job in speed_jobs:
-        configs[job["key"]] = load_config(job["config"], job["overrides"])
-        times[job["key"]] = common.run_job(job, args.reuse)
+    run_jobs(speed_jobs, args, times, configs)
     result["steady_speed"] = steady_speed(speed_jobs, times, configs)
     result.update({"environment": common.environment(), "quick": args.quick,
                    "protocol": {"iterations": args.iterations, "seeds": args.seeds,

@@ -82,9 +82,7 @@ def soft_q_tabular(*, num_envs: int = 16, num_updates: int = 1_000, epsilon: flo
       reset_each_step: re-initialize before every fit (see `learners.follow`).
     """
     check_options(num_envs=(num_envs, "pos_int"), num_updates=(num_updates, "pos_int"),
-                  epsilon=(epsilon, "unit"))
-    if isinstance(step_scale, bool) or not isinstance(step_scale, (int, float)) or not step_scale > 0:
-        raise InvalidArgumentError(f"step_scale: expected a positive number, got {step_scale!r}")
+                  epsilon=(epsilon, "unit"), step_scale=(step_scale, "pos_float"))
     if isinstance(step_exponent, bool) or not isinstance(step_exponent, (int, float)) \
             or not 0.5 < step_exponent <= 1:
         raise InvalidArgumentError(f"step_exponent: expected a number in (0.5, 1], got {step_exponent!r}")
